@@ -1,0 +1,436 @@
+"""Path normalization, route choice and upstream URLs (gateway.routing)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config import RouteSettings
+from gateway.errors import InvalidPath, MethodNotAllowed, NotFound
+from gateway.routing import RouteTable, canonical_path, normalize_host, upstream_url
+
+# -- canonical_path ----------------------------------------------------------------------
+
+CANONICAL = [
+    # (raw, canonical)
+    ("/", "/"),
+    ("/api", "/api"),
+    ("/api/", "/api/"),
+    ("/api/x/", "/api/x/"),
+    # dot segments are removed (RFC 3986 §5.2.4), in any encoding of the dot
+    ("/a/./b/../c", "/a/c"),
+    ("/a/b/..", "/a/"),
+    ("/a/b/.", "/a/b/"),
+    ("/..", "/"),
+    ("/.", "/"),
+    ("/../x", "/x"),
+    ("/../../../etc/passwd", "/etc/passwd"),
+    ("/public/%2e%2e/admin", "/admin"),
+    ("/public/%2E%2E/admin", "/admin"),
+    ("/public/.%2e/admin", "/admin"),
+    ("/public/%2e./admin", "/admin"),
+    ("/public/%2e/admin", "/public/admin"),
+    ("/public/%2E/admin", "/public/admin"),
+    # duplicate slashes are merged
+    ("//admin", "/admin"),
+    ("///admin//x///", "/admin/x/"),
+    ("//", "/"),
+    ("/a//..", "/"),
+    # unreserved characters are decoded, other escapes are kept with upper-case hex
+    ("/%41%7e%2D%5f%2e1", "/A~-_.1"),
+    ("/a%3bb", "/a%3Bb"),
+    ("/a%3Bb;c=d", "/a%3Bb;c=d"),
+    ("/a%20b", "/a%20b"),
+    ("/a%3fb%23c", "/a%3Fb%23c"),
+    ("/a%25b", "/a%25b"),
+    # one level of decoding only: %25 stays %25, so %252e is never a dot
+    ("/public/%252e%252e/admin", "/public/%252e%252e/admin"),
+    ("/admin%252fx", "/admin%252fx"),
+    # sub-delims, ":" and "@" are allowed raw and kept raw
+    ("/a;b=c,d/e:f@g!$&'()*+", "/a;b=c,d/e:f@g!$&'()*+"),
+    ("/api;jsessionid=1/x", "/api;jsessionid=1/x"),
+    # non-ASCII and ASCII not allowed raw are percent-encoded as UTF-8
+    ("/caf\u00e9", "/caf%C3%A9"),
+    ("/caf%c3%a9", "/caf%C3%A9"),
+    ('/a"<>[]^`{|}', "/a%22%3C%3E%5B%5D%5E%60%7B%7C%7D"),
+    ("/\u65e5\u672c", "/%E6%97%A5%E6%9C%AC"),
+    # names that merely contain dots are ordinary segments
+    ("/.well-known/jwks.json", "/.well-known/jwks.json"),
+    ("/a/..b/c..", "/a/..b/c.."),
+    ("/a/.b.", "/a/.b."),
+    # aiohttp hands non-UTF-8 bytes as surrogateescape; valid UTF-8 round-trips
+    ("/caf\udcc3\udca9", "/caf%C3%A9"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), CANONICAL)
+def test_canonical_path(raw: str, expected: str) -> None:
+    assert canonical_path(raw) == expected
+    assert canonical_path(expected) == expected
+
+
+REFUSED = [
+    # encoded separators
+    "/admin%2fx",
+    "/admin%2Fx",
+    "/a%5cb",
+    "/a%5Cb",
+    "/public/..%2fadmin",
+    "/public/%2e%2e%2fadmin",
+    # raw backslash, fragment, query mark, space
+    "/a\\b",
+    "/public\\..\\admin",
+    "/a#b",
+    "/a?b",
+    "/a b",
+    # control characters, raw and encoded, C0, DEL and C1
+    "/a%00",
+    "/a\x00b",
+    "/a%0d%0aSet-Cookie:x",
+    "/a\r\nb",
+    "/a%09",
+    "/a\tb",
+    "/a%1f",
+    "/a%7f",
+    "/a\x7f",
+    "/a%c2%85",
+    "/a\u0085",
+    # dot segments with parameters, in any encoding (Tomcat drops ";x")
+    "/..;/admin",
+    "/..;x/admin",
+    "/public/..;x/admin",
+    "/.;x/admin",
+    "/%2e%2e;x/admin",
+    "/.%2e;x/admin",
+    "/..%3bx/admin",
+    "/..%3B/admin",
+    # a segment of only parameters ("/;x/admin" is "//admin" to Tomcat)
+    "/;x/admin",
+    "/a/;/b",
+    # only dots and spaces: Windows trims trailing dots and spaces to ".."
+    "/...",
+    "/public/.../admin",
+    "/public/..%20/admin",
+    "/public/%2e%2e%2e/admin",
+    "/public/.. ./admin",
+    "/a/%20",
+    # invalid escapes
+    "/%zz",
+    "/%4",
+    "/a%",
+    "/a%%41",
+    "/%g0",
+    # not UTF-8: overlong "/" and ".", lone bytes
+    "/%c0%af",
+    "/%c0%ae%c0%ae/admin",
+    "/%e0%80%af",
+    "/%ff",
+    "/\udcff",
+    "/\ud800",
+    # look-alikes some upstreams map onto separators or dots
+    "/public/\uff0e\uff0e/admin",
+    "/public/%ef%bc%8e%ef%bc%8e/admin",
+    "/admin\uff0fx",
+    "/admin\u2215x",
+    "/admin%e2%88%95x",
+    "/admin\uff3cx",
+    "/public/\u2024\u2024/admin",
+    # not a path
+    "",
+    "admin",
+    "http://example.com/admin",
+    "*",
+]
+
+
+@pytest.mark.parametrize("raw", REFUSED)
+def test_canonical_path_refuses(raw: str) -> None:
+    with pytest.raises(InvalidPath):
+        canonical_path(raw)
+
+
+def test_canonical_path_refuses_non_string() -> None:
+    with pytest.raises(InvalidPath):
+        canonical_path(b"/admin")  # type: ignore[arg-type]
+
+
+# -- RouteTable --------------------------------------------------------------------------
+
+
+def route(
+    name: str,
+    path: str,
+    *,
+    host: str | None = None,
+    methods: tuple[str, ...] | None = None,
+    strip_prefix: bool = False,
+) -> RouteSettings:
+    return RouteSettings(
+        name=name,
+        path=path,
+        upstreams=("http://127.0.0.1:9000",),
+        host=host,
+        methods=methods,
+        strip_prefix=strip_prefix,
+    )
+
+
+ROUTES = [
+    route("root", "/"),
+    route("api", "/api"),
+    route("api-admin", "/api/admin"),
+    route("admin", "/admin"),
+    route("read", "/data", methods=("GET", "HEAD")),
+    route("write", "/data", methods=("post", "PUT")),
+    route("strip", "/strip", strip_prefix=True),
+    route("strip-deep", "/s/deep", strip_prefix=True),
+    route("host-root", "/", host="Example.COM"),
+    route("host-api", "/api", host="example.com"),
+    route("other-host", "/only", host="other.example"),
+    route("get-only", "/ro", methods=("GET",)),
+]
+TABLE = RouteTable(ROUTES)
+
+MATCHES = [
+    # (method, host, path, route name, upstream path)
+    ("GET", None, "/", "root", "/"),
+    ("GET", None, "/anything/else", "root", "/anything/else"),
+    ("GET", None, "/api", "api", "/api"),
+    ("GET", None, "/api/", "api", "/api/"),
+    ("GET", None, "/api/x", "api", "/api/x"),
+    ("GET", None, "/apix", "root", "/apix"),
+    ("GET", None, "/api.x", "root", "/api.x"),
+    ("GET", None, "/api/admin", "api-admin", "/api/admin"),
+    ("GET", None, "/api/admin/", "api-admin", "/api/admin/"),
+    ("GET", None, "/api/admin/x", "api-admin", "/api/admin/x"),
+    ("GET", None, "/api/administrator", "api", "/api/administrator"),
+    ("GET", None, "/admin", "admin", "/admin"),
+    # parameters do not take a segment out of its route (Tomcat drops them)
+    ("GET", None, "/admin;x", "admin", "/admin;x"),
+    ("GET", None, "/admin;jsessionid=1/users", "admin", "/admin;jsessionid=1/users"),
+    ("GET", None, "/api;v=1/admin;x/y", "api-admin", "/api;v=1/admin;x/y"),
+    ("GET", None, "/admin%3Bx", "root", "/admin%3Bx"),
+    # methods, case-insensitively
+    ("GET", None, "/data/1", "read", "/data/1"),
+    ("head", None, "/data", "read", "/data"),
+    ("POST", None, "/data/1", "write", "/data/1"),
+    ("put", None, "/data", "write", "/data"),
+    # strip_prefix
+    ("GET", None, "/strip", "strip", "/"),
+    ("GET", None, "/strip/", "strip", "/"),
+    ("GET", None, "/strip/x", "strip", "/x"),
+    ("GET", None, "/strip/x/", "strip", "/x/"),
+    ("GET", None, "/strip;p/x", "strip", "/x"),
+    ("GET", None, "/stripped", "root", "/stripped"),
+    ("GET", None, "/s/deep/y", "strip-deep", "/y"),
+    ("GET", None, "/s/deeper", "root", "/s/deeper"),
+    # host-specific before host-less, whatever the prefix length
+    ("GET", "example.com", "/", "host-root", "/"),
+    ("GET", "example.com", "/admin", "host-root", "/admin"),
+    ("GET", "example.com", "/api/admin", "host-api", "/api/admin"),
+    ("GET", "EXAMPLE.com:8080", "/api", "host-api", "/api"),
+    ("GET", "example.com.", "/x", "host-root", "/x"),
+    ("GET", "example.com.:443", "/x", "host-root", "/x"),
+    ("GET", "www.example.com", "/admin", "admin", "/admin"),
+    ("GET", "example.com..", "/admin", "admin", "/admin"),
+    # a host tier without a matching path falls back to host-less routes
+    ("GET", "other.example", "/only/x", "other-host", "/only/x"),
+    ("GET", "other.example", "/admin", "admin", "/admin"),
+    ("GET", "other.example:80", "/", "root", "/"),
+    ("GET", "", "/admin", "admin", "/admin"),
+]
+
+
+@pytest.mark.parametrize(("method", "host", "path", "name", "upstream"), MATCHES)
+def test_match(method: str, host: str | None, path: str, name: str, upstream: str) -> None:
+    found = TABLE.match(method, host, path)
+    assert (found.route.name, found.upstream_path) == (name, upstream)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/data", ("GET", "HEAD", "POST", "PUT")),
+        ("PATCH", "/data/x/y", ("GET", "HEAD", "POST", "PUT")),
+        # the longest prefix decides: never a fall back to "/" and its policy
+        ("POST", "/ro", ("GET",)),
+        ("HEAD", "/ro/x", ("GET",)),
+    ],
+)
+def test_method_not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> None:
+    with pytest.raises(MethodNotAllowed) as caught:
+        TABLE.match(method, None, path)
+    assert caught.value.allowed == allowed
+
+
+@pytest.mark.parametrize(
+    ("host", "path"),
+    [(None, "/x"), ("example.org", "/x"), ("other.example", "/"), (None, "/"), (None, "/apix")],
+)
+def test_not_found(host: str | None, path: str) -> None:
+    table = RouteTable([route("api", "/api"), route("only", "/only", host="other.example")])
+    with pytest.raises(NotFound):
+        table.match("GET", host, path)
+
+
+def test_empty_table_finds_nothing() -> None:
+    with pytest.raises(NotFound):
+        RouteTable([]).match("GET", None, "/")
+
+
+def test_iteration_is_match_order() -> None:
+    names = [r.name for r in TABLE]
+    assert names == [
+        "host-api",
+        "other-host",
+        "host-root",
+        "api-admin",
+        "strip-deep",
+        "api",
+        "admin",
+        "read",
+        "write",
+        "strip",
+        "get-only",
+        "root",
+    ]
+    assert len(TABLE) == len(ROUTES)
+
+
+def test_route_path_with_trailing_slash_is_a_prefix() -> None:
+    table = RouteTable([route("api", "/api/"), route("root", "/")])
+    assert table.match("GET", None, "/api").route.name == "api"
+    assert table.match("GET", None, "/api/x").route.name == "api"
+    assert table.match("GET", None, "/apix").route.name == "root"
+
+
+def test_first_route_wins_on_an_exact_tie() -> None:
+    table = RouteTable([route("first", "/x"), route("second", "/x")])
+    assert table.match("GET", None, "/x").route.name == "first"
+
+
+def test_invalid_route_path_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="'bad'"):
+        RouteTable([route("bad", "/a%2fb")])
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("Example.COM", "example.com"),
+        ("example.com:8080", "example.com"),
+        ("example.com.", "example.com"),
+        ("example.com.:8080", "example.com"),
+        ("[::1]:8080", "[::1]"),
+        ("[::1]", "[::1]"),
+        (".", None),
+    ],
+)
+def test_normalize_host(host: str | None, expected: str | None) -> None:
+    assert normalize_host(host) == expected
+
+
+# -- upstream_url ------------------------------------------------------------------------
+
+UPSTREAM_URLS = [
+    # (base, upstream path, raw query, str(url), raw_path)
+    ("http://127.0.0.1:9000", "/x", "", "http://127.0.0.1:9000/x", "/x"),
+    ("http://127.0.0.1:9000/", "/x", "", "http://127.0.0.1:9000/x", "/x"),
+    ("http://127.0.0.1:9000", "/", "", "http://127.0.0.1:9000/", "/"),
+    ("http://h:9000/prefix", "/x", "", "http://h:9000/prefix/x", "/prefix/x"),
+    ("http://h:9000/prefix/", "/x", "", "http://h:9000/prefix/x", "/prefix/x"),
+    ("http://h:9000/prefix", "/", "", "http://h:9000/prefix/", "/prefix/"),
+    ("http://h:9000/prefix", "/x/", "a=1", "http://h:9000/prefix/x/?a=1", "/prefix/x/"),
+    (
+        "http://127.0.0.1:9000",
+        "/a%3Bb;c=d/%25/%252e%252e/%20",
+        "q=%2F%25+x&b",
+        "http://127.0.0.1:9000/a%3Bb;c=d/%25/%252e%252e/%20?q=%2F%25+x&b",
+        "/a%3Bb;c=d/%25/%252e%252e/%20",
+    ),
+    ("https://[::1]:8443/p", "/%C3%A9", "", "https://[::1]:8443/p/%C3%A9", "/p/%C3%A9"),
+    ("http://h/p%20q%3B", "/x", "", "http://h/p%20q%3B/x", "/p%20q%3B/x"),
+]
+
+
+@pytest.mark.parametrize(("base", "path", "query", "url", "raw_path"), UPSTREAM_URLS)
+def test_upstream_url(base: str, path: str, query: str, url: str, raw_path: str) -> None:
+    built = upstream_url(base, path, query)
+    assert str(built) == url
+    assert built.raw_path == raw_path
+    assert built.raw_query_string == query
+    # what the aiohttp client writes in the request line
+    assert built.raw_path_qs == raw_path + (f"?{query}" if query else "")
+
+
+# -- properties --------------------------------------------------------------------------
+
+RAW_PATHS = st.text(alphabet="/.%25cefapi;x2F5Ce\\AE", max_size=30).map(lambda s: "/" + s)
+ROUTED = RouteTable(
+    [
+        route("root", "/"),
+        route("api", "/api"),
+        route("admin", "/api/admin", strip_prefix=True),
+        route("e", "/e", strip_prefix=True),
+        route("pie", "/pi/e"),
+    ]
+)
+_FORBIDDEN = re.compile(r"//|/\./|/\.\./|/\.$|/\.\.$|%2F|%5C|%2E|\\", re.IGNORECASE)
+
+
+def _canonical_or_none(raw: str) -> str | None:
+    try:
+        return canonical_path(raw)
+    except InvalidPath:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(RAW_PATHS)
+def test_canonical_path_is_idempotent_and_clean(raw: str) -> None:
+    canonical = _canonical_or_none(raw)
+    if canonical is None:
+        return
+    assert canonical.startswith("/")
+    assert canonical_path(canonical) == canonical
+    assert not _FORBIDDEN.search(canonical), canonical
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=20).map(lambda s: "/" + s))
+def test_canonical_path_only_raises_invalid_path(raw: str) -> None:
+    canonical = _canonical_or_none(raw)
+    if canonical is not None:
+        assert canonical_path(canonical) == canonical
+        assert canonical.isascii()
+
+
+@settings(max_examples=300, deadline=None)
+@given(RAW_PATHS)
+def test_route_of_policy_is_route_of_forwarded_path(raw: str) -> None:
+    canonical = _canonical_or_none(raw)
+    if canonical is None:
+        return
+    found = ROUTED.match("GET", None, canonical)
+    upstream = found.upstream_path
+    # Whatever the upstream does with the path again, it is already canonical...
+    assert canonical_path(upstream) == upstream
+    if found.route.strip_prefix:
+        # ...and with the prefix put back it is the path the policy was chosen on.
+        rebuilt = canonical_path(found.route.path + upstream)
+        assert ROUTED.match("GET", None, rebuilt).route == found.route
+        assert upstream_url("http://127.0.0.1:9", upstream, "").raw_path == upstream
+    else:
+        assert upstream == canonical
+        assert ROUTED.match("GET", None, canonical_path(upstream)).route == found.route
+        built = upstream_url("http://127.0.0.1:9/base", upstream, "")
+        assert built.raw_path == "/base" + upstream
+        prefix = found.route.path.rstrip("/")
+        assert upstream == prefix or upstream.startswith(prefix + "/") or (
+            upstream.startswith(prefix + ";")
+        )
