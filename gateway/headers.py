@@ -1,0 +1,364 @@
+"""Header hygiene as data: what a client may not send upstream, and what the gateway adds.
+
+Guarantees (CONTRACT §6):
+
+- identity headers reach an upstream only from ``identity_header_values``, i.e. from verified
+  claims: every client copy of a configured identity header or of a ``headers.strip`` glob is
+  removed, whatever its case, with ``_`` written for ``-`` (CGI/WSGI stacks map both to the
+  same ``HTTP_X_USER_ID``), duplicated or named in ``Connection``;
+- hop-by-hop headers (RFC 9110 §7.6.1) and every header named in ``Connection`` never pass;
+- from a peer outside ``trusted_proxies`` the client's ``X-Forwarded-*``, ``Forwarded``,
+  ``X-Real-IP``, ``X-Original-URI``/``-URL`` and ``X-Rewrite-URL`` are dropped, so the values
+  the gateway adds replace them;
+- the gateway's own cookies never leave the gateway;
+- injected values are printable ASCII: nothing a claim holds can split or forge a header.
+
+Every name is compared in one normal form, ``lower()`` with ``_`` replaced by ``-``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from multidict import CIMultiDict, MultiMapping
+
+from gateway.config import HeaderSettings
+
+__all__ = [
+    "HOP_BY_HOP",
+    "UNTRUSTED_ONLY",
+    "FORWARDED",
+    "GATEWAY_COOKIES",
+    "HeaderPolicy",
+    "clean_request_headers",
+    "clean_response_headers",
+    "client_ip",
+    "peer_is_trusted",
+    "forwarded_proto",
+    "forwarded_headers",
+    "identity_header_values",
+    "encode_value",
+    "request_id",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# RFC 9110 §7.6.1 plus the de-facto proxy headers; any other ``Proxy-*`` goes too (prefix).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+    }
+)
+HOP_BY_HOP_PREFIX = "proxy-"
+
+# Believed by some backends (nginx-style stacks) as the client's address or original URL.
+UNTRUSTED_ONLY = frozenset({"x-real-ip", "x-original-uri", "x-original-url", "x-rewrite-url"})
+
+# Client-supplied forwarding information; replaced (not appended to) for untrusted peers.
+FORWARDED = frozenset(
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+        "forwarded",
+    }
+)
+FORWARDED_PREFIX = "x-forwarded-"
+
+# The three headers ``forwarded_headers`` sets: always removed from the client's copy so the
+# gateway's values are the only ones (for a trusted peer the chain is carried over by value).
+SET_BY_GATEWAY = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+
+# Framing belongs to each hop (RFC 9112 §6): the Forwarder re-derives Content-Length from the
+# request as aiohttp parsed it, and answers ``Expect: 100-continue`` itself.
+# ``Host`` is set by the Forwarder (the upstream's, or the client's with ``preserve_host``).
+OWNED_BY_FORWARDER = frozenset({"host", "content-length", "expect"})
+
+GATEWAY_COOKIES = frozenset({"gateway_session", "gateway_refresh"})
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+class HeaderPolicy:
+    """The request-header rules of one configuration, precomputed once at startup."""
+
+    __slots__ = ("identity", "_strip", "trusted_proxies", "settings")
+
+    def __init__(self, settings: HeaderSettings, trusted_proxies: Sequence[Network] = ()) -> None:
+        self.settings = settings
+        self.trusted_proxies: tuple[Network, ...] = tuple(trusted_proxies)
+        self.identity: frozenset[str] = frozenset(_norm(n) for n in settings.identity_headers())
+        patterns = [fnmatch.translate(_norm(glob)) for glob in settings.strip]
+        # One alternation: a single regex call per header, whatever the number of globs.
+        self._strip = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+    def is_identity(self, name: str) -> bool:
+        """True for a configured identity header or a ``strip`` match (any case, ``_``)."""
+        return self._owned(_norm(name))
+
+    def trusts(self, peer: str | None) -> bool:
+        """True when the TCP peer is one of ``server.trusted_proxies``."""
+        return peer_is_trusted(peer, self.trusted_proxies)
+
+    def _owned(self, norm: str) -> bool:
+        return norm in self.identity or (self._strip is not None and self._strip.match(norm) is not None)
+
+    def __repr__(self) -> str:
+        return f"HeaderPolicy(identity={sorted(self.identity)!r}, strip={self.settings.strip!r})"
+
+
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(_norm(t.strip()) for t in value.split(","))
+    tokens.discard("")
+    return frozenset(tokens)
+
+
+def _drop_request_header(
+    policy: HeaderPolicy,
+    norm: str,
+    connection: frozenset[str],
+    *,
+    peer_trusted: bool,
+    forward_authorization: bool,
+) -> bool:
+    if norm in HOP_BY_HOP or norm.startswith(HOP_BY_HOP_PREFIX) or norm in connection:
+        return True
+    if policy._owned(norm):
+        return True
+    if norm in OWNED_BY_FORWARDER or norm in SET_BY_GATEWAY:
+        return True
+    if not peer_trusted and (
+        norm in UNTRUSTED_ONLY or norm in FORWARDED or norm.startswith(FORWARDED_PREFIX)
+    ):
+        return True
+    return norm == "authorization" and not forward_authorization
+
+
+def _filter_cookie(value: str) -> str:
+    # Names compared case-insensitively: a look-alike of the gateway's cookie has no business
+    # upstream either, and dropping it costs nothing.
+    kept = [
+        part
+        for part in (p.strip() for p in value.split(";"))
+        if part and part.split("=", 1)[0].strip().lower() not in GATEWAY_COOKIES
+    ]
+    return "; ".join(kept)
+
+
+def clean_request_headers(
+    policy: HeaderPolicy,
+    headers: MultiMapping[str],
+    *,
+    peer_trusted: bool,
+    websocket: bool = False,
+    forward_authorization: bool = True,
+) -> CIMultiDict[str]:
+    """The client's headers minus everything CONTRACT §6 removes, in one pass.
+
+    Removed: identity and ``strip`` headers; hop-by-hop headers (``Upgrade`` and
+    ``Connection`` too on websocket routes: aiohttp's websocket client writes its own
+    handshake) and every header named in any ``Connection``; ``Host``, ``Content-Length`` and
+    ``Expect`` (the Forwarder sets framing and Host per hop); ``X-Forwarded-For/-Proto/-Host``
+    (``forwarded_headers`` sets them); for an untrusted peer also every ``X-Forwarded-*``,
+    ``Forwarded`` and ``UNTRUSTED_ONLY`` header; ``Authorization`` unless forwarded. The
+    gateway's cookies are removed from ``Cookie``; the other cookies are merged into a single
+    ``Cookie`` header (RFC 9113 §8.2.3), dropped when none is left.
+    On websocket routes the ``Sec-WebSocket-*`` handshake headers go as well.
+    """
+    connection = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    cookies: list[str] = []
+    for name, value in headers.items():
+        norm = _norm(name)
+        if _drop_request_header(
+            policy, norm, connection, peer_trusted=peer_trusted, forward_authorization=forward_authorization
+        ):
+            continue
+        if websocket and norm.startswith("sec-websocket-"):
+            continue
+        if norm == "cookie":
+            filtered = _filter_cookie(value)
+            if filtered:
+                cookies.append(filtered)
+            continue
+        out.add(name, value)
+    if cookies:
+        out.add("Cookie", "; ".join(cookies))
+    return out
+
+
+def clean_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
+    """An upstream response's headers, fit to send on the client's connection.
+
+    Removed: hop-by-hop headers and those named in ``Connection``. ``Transfer-Encoding`` is
+    hop-by-hop, so aiohttp's ``StreamResponse`` re-frames: it keeps the upstream's
+    ``Content-Length`` when there is one (the body is relayed byte for byte, the client
+    decompresses nothing) and chunks otherwise; for HEAD, 204 and 304 it sends no body.
+    """
+    connection = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        norm = name.lower()
+        if norm in HOP_BY_HOP or norm.startswith(HOP_BY_HOP_PREFIX) or norm in connection:
+            continue
+        out.add(name, value)
+    return out
+
+
+def _parse_address(entry: str) -> Address | None:
+    """An IP from one ``X-Forwarded-For`` entry (``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:80``)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        entry = entry[1:].partition("]")[0]
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]
+    try:
+        return ipaddress.ip_address(entry)
+    except ValueError:
+        return None
+
+
+def _trusted(address: Address, trusted: Sequence[Network]) -> bool:
+    return any(address in network for network in trusted)
+
+
+def peer_is_trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
+    """True when the TCP peer's address lies in one of ``server.trusted_proxies``."""
+    if peer is None or not trusted:
+        return False
+    address = _parse_address(peer)
+    return address is not None and _trusted(address, trusted)
+
+
+def client_ip(peer: str | None, x_forwarded_for: Iterable[str], trusted: Sequence[Network]) -> str:
+    """The client's address, as uvicorn's proxy-headers middleware reads it.
+
+    An untrusted peer is the client, whatever it claims. Behind trusted proxies, the chain is
+    read right to left (each proxy appends the address it saw) and the first address outside
+    ``trusted`` is the client; if all are trusted, the leftmost. An unparsable entry breaks the
+    chain: nothing left of it can be believed, so the last trusted hop seen is returned, never
+    a client-chosen string. A missing peer (not a TCP socket) is ``"unknown"`` (RFC 7239 §6.3).
+    """
+    if peer is None:
+        return "unknown"
+    if not peer_is_trusted(peer, trusted):
+        return peer
+    current = peer
+    entries = [e for value in x_forwarded_for for e in value.split(",") if e.strip()]
+    for entry in reversed(entries):
+        address = _parse_address(entry)
+        if address is None:
+            return current
+        current = str(address)
+        if not _trusted(address, trusted):
+            return current
+    return current
+
+
+def forwarded_proto(scheme: str, x_forwarded_proto: Iterable[str], *, peer_trusted: bool) -> str:
+    """``http`` or ``https``: the trusted proxy's nearest claim, else the connection's scheme."""
+    if peer_trusted:
+        claims = [c.strip().lower() for v in x_forwarded_proto for c in v.split(",")]
+        if claims and claims[-1] in ("http", "https"):
+            return claims[-1]
+    return "https" if scheme.lower() in ("https", "wss") else "http"
+
+
+def forwarded_headers(
+    *,
+    client_ip: str,
+    proto: str,
+    host: str | None,
+    existing_xff: str | None,
+    peer_trusted: bool,
+    peer: str | None = None,
+) -> list[tuple[str, str]]:
+    """``X-Forwarded-For``, ``-Proto`` and ``-Host`` for the upstream request.
+
+    For a trusted peer, the peer's address (``peer``, else ``client_ip``) is appended to the
+    chain it sent; for anyone else the chain is replaced by ``client_ip`` alone. ``host`` is
+    the Host the client asked for; without one no ``X-Forwarded-Host`` is sent.
+    ``existing_xff`` is every client ``X-Forwarded-For`` copy joined with ``", "``
+    (``clean_request_headers`` removes the originals, so the chain is carried by value).
+    """
+    if peer_trusted:
+        hop = peer if peer is not None else client_ip
+        chain = (existing_xff or "").strip().strip(",").strip()
+        xff = f"{chain}, {hop}" if chain else hop
+    else:
+        xff = client_ip
+    out = [("X-Forwarded-For", xff), ("X-Forwarded-Proto", proto)]
+    if host:
+        out.append(("X-Forwarded-Host", host))
+    return out
+
+
+def encode_value(value: str) -> str:
+    """Printable ASCII except ``%`` as-is; every other byte of its UTF-8 as ``%XX``."""
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value  # the common case, without a per-byte loop
+    return "".join(
+        chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}"
+        for b in value.encode("utf-8", "surrogatepass")
+    )
+
+
+class _IdentityLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def issuer(self) -> str: ...
+    @property
+    def email(self) -> str | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def roles(self) -> tuple[str, ...]: ...
+
+
+def identity_header_values(settings: HeaderSettings, identity: _IdentityLike) -> list[tuple[str, str]]:
+    """The identity headers for a verified caller, encoded by ``encode_value``.
+
+    Roles are comma-joined; a header that is not configured, or whose value is empty, is left
+    out. ``headers.assertion`` is not rendered here (it needs the token service).
+    """
+    fields = (
+        (settings.id, identity.id),
+        (settings.email, identity.email),
+        (settings.name, identity.name),
+        (settings.roles, ",".join(identity.roles)),
+        (settings.issuer, identity.issuer),
+    )
+    return [(name, encode_value(value)) for name, value in fields if name and value]
+
+
+def request_id(client_value: str | None) -> str:
+    """The client's ``X-Request-Id`` if it is 1..128 of ``[A-Za-z0-9._-]``, else a new one."""
+    if client_value is not None and _REQUEST_ID.fullmatch(client_value):
+        return client_value
+    return uuid.uuid4().hex
+
