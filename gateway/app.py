@@ -1,0 +1,292 @@
+"""The app: one request path from raw target to upstream, and the process that serves it.
+
+Every request is canonicalized once; the gateway's own endpoints are looked up on that
+canonical path, then the route table, then the route's policy, then the forwarder — which
+sends upstream exactly the path the policy was evaluated on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+
+import yarl
+from aiohttp import web
+
+from gateway import headers as hdr
+from gateway.accounts import AccountService, open_store
+from gateway.config import Settings
+from gateway.errors import Forbidden, InvalidPath, MethodNotAllowed, Unauthorized
+from gateway.handlers import OwnEndpoints
+from gateway.identity import Identity
+from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
+from gateway.middleware import (
+    REQUEST_ID,
+    make_cors_hook,
+    preflight_response,
+    problem_middleware,
+)
+from gateway.passwords import PasswordHasher
+from gateway.policy import bearer_token, evaluate, require_identity
+from gateway.proxy import Forwarder, is_websocket_upgrade
+from gateway.routing import RouteMatch, RouteTable, canonical_path
+from gateway.tokens import KeyRing, TokenService
+
+log = logging.getLogger("gateway")
+
+GATEWAY = web.AppKey("gateway", "Gateway")
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def request_path(request: web.Request) -> str:
+    """The raw, still-encoded path of the request target, also for absolute-form targets."""
+    raw = request.raw_path
+    if raw.startswith("/"):
+        return raw.partition("?")[0]
+    if raw.startswith(("http://", "https://")):
+        return yarl.URL(raw, encoded=True).raw_path or "/"
+    raise InvalidPath("The request target is not a path.")
+
+
+class Gateway:
+    """The request path, built once from settings; holds no per-request state."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.keyring = KeyRing.load(settings.tokens)
+        self.tokens = TokenService(settings.tokens, self.keyring, clock=clock)
+        self.store = open_store(settings.database.url)
+        self.hasher = PasswordHasher(settings.accounts.bcrypt_rounds)
+        self.accounts = AccountService(
+            self.store, self.hasher, self.tokens, settings.accounts, settings.tokens, clock=clock
+        )
+        self.routes = RouteTable(settings.routes)
+        self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
+        self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
+        self.metrics = Metrics()
+        self.own = OwnEndpoints(
+            settings=settings,
+            accounts=self.accounts,
+            tokens=self.tokens,
+            keyring=self.keyring,
+            client_ip=self.client_ip,
+            verify_handler=self.forward_auth,
+        )
+
+    # -- resources -------------------------------------------------------------------
+
+    async def resources(self, app: web.Application) -> AsyncIterator[None]:
+        """``cleanup_ctx``: open the store and upstream pool, close them on shutdown."""
+        await self.store.open()
+        await self.forwarder.start()
+        try:
+            yield
+        finally:
+            await self.forwarder.close()
+            await self.store.close()
+            self.hasher.close()
+
+    # -- who is asking ---------------------------------------------------------------
+
+    def peer_trusted(self, request: web.Request) -> bool:
+        return self.header_policy.trusts(request.remote)
+
+    def client_ip(self, request: web.Request) -> str:
+        return hdr.client_ip(
+            request.remote,
+            request.headers.getall("X-Forwarded-For", []),
+            self.settings.server.trusted_proxies,
+        )
+
+    # -- the request path ------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        request[REQUEST_ID] = hdr.request_id(request.headers.get("X-Request-Id"))
+        started = time.perf_counter()
+        label, status = NO_ROUTE, 500
+        try:
+            preflight = preflight_response(request, self.settings.cors)
+            if preflight is not None:
+                label = OWN_ENDPOINT
+                response: web.StreamResponse = preflight
+            else:
+                path = canonical_path(request_path(request))
+                own = self.own.table.get(path)
+                if own is not None:
+                    label = OWN_ENDPOINT
+                    response = await self._own_endpoint(request, own)
+                else:
+                    match = self.routes.match(request.method, request.host, path)
+                    label = match.route.name
+                    response = await self._proxy(request, match)
+            status = response.status
+            return response
+        except (Unauthorized, Forbidden) as err:
+            self.metrics.auth_failures.labels(getattr(err, "reason", err.code)).inc()
+            status = err.status
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception as err:
+            status = getattr(err, "status", 500)
+            raise
+        finally:
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
+
+    async def _own_endpoint(
+        self, request: web.Request, handlers: dict[str, Callable]  # type: ignore[type-arg]
+    ) -> web.StreamResponse:
+        handler = handlers.get(request.method)
+        if handler is None:
+            raise MethodNotAllowed(tuple(sorted(handlers)))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _proxy(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
+        route = match.route
+        token = None if route.auth == "public" else self._bearer(request)
+        identity = evaluate(route, token, self.tokens.verify)
+        upstream_headers = self._upstream_headers(request, identity, match)
+        started = time.perf_counter()
+        try:
+            if route.websocket and is_websocket_upgrade(request):
+                return await self.forwarder.forward_websocket(
+                    request, route=route, upstream_path=match.upstream_path,
+                    headers=upstream_headers,
+                )
+            return await self.forwarder.forward(
+                request, route=route, upstream_path=match.upstream_path,
+                headers=upstream_headers,
+            )
+        except Exception as err:
+            status = getattr(err, "status", None)
+            if status in (502, 504):
+                kind = "timeout" if status == 504 else "unreachable"
+                self.metrics.upstream_errors.labels(route.name, kind).inc()
+            raise
+        finally:
+            self.metrics.upstream_duration.labels(route.name).observe(
+                time.perf_counter() - started
+            )
+
+    def _bearer(self, request: web.Request) -> str | None:
+        return bearer_token(request.headers.getall("Authorization", []))
+
+    def _upstream_headers(
+        self, request: web.Request, identity: Identity | None, match: RouteMatch
+    ):  # type: ignore[no-untyped-def]
+        trusted = self.peer_trusted(request)
+        out = hdr.clean_request_headers(
+            self.header_policy,
+            request.headers,
+            peer_trusted=trusted,
+            websocket=match.route.websocket,
+            forward_authorization=match.route.forward_authorization,
+        )
+        if identity is not None:
+            out.extend(hdr.identity_header_values(self.settings.headers, identity))
+        chain = request.headers.getall("X-Forwarded-For", [])
+        out.extend(
+            hdr.forwarded_headers(
+                client_ip=self.client_ip(request),
+                proto=hdr.forwarded_proto(
+                    request.scheme,
+                    request.headers.getall("X-Forwarded-Proto", []),
+                    peer_trusted=trusted,
+                ),
+                host=request.host,
+                existing_xff=", ".join(chain) if chain else None,
+                peer_trusted=trusted,
+                peer=request.remote,
+            )
+        )
+        out["X-Request-Id"] = request[REQUEST_ID]
+        return out
+
+    # -- forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth) ----
+
+    async def forward_auth(self, request: web.Request) -> web.Response:
+        """``GET {p}/verify``: the policy of the route the proxy is asking about."""
+        token = self._bearer(request)
+        original_uri = request.headers.get("X-Forwarded-Uri") or request.headers.get(
+            "X-Original-URI"
+        )
+        if original_uri:
+            method = request.headers.get("X-Forwarded-Method") or request.headers.get(
+                "X-Original-Method", "GET"
+            )
+            host = request.headers.get("X-Forwarded-Host") or request.host
+            target = original_uri.partition("?")[0]
+            path = canonical_path(target if target.startswith("/") else "/" + target)
+            match = self.routes.match(method.upper(), host, path)
+            identity = evaluate(match.route, token, self.tokens.verify)
+        else:
+            identity = require_identity(token, self.tokens.verify)
+        headers = {"Cache-Control": "no-store"}
+        if identity is not None:
+            headers.update(hdr.identity_header_values(self.settings.headers, identity))
+        return web.Response(status=200, headers=headers)
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """The public application. ``app[GATEWAY]`` exposes the wired parts to the CLI and tests."""
+    gateway = Gateway(settings, clock=clock)
+    app = web.Application(
+        middlewares=[problem_middleware],
+        client_max_size=settings.server.max_body_size,
+        handler_args={"max_field_size": 16 * 1024, "max_line_size": 16 * 1024},
+    )
+    app[GATEWAY] = gateway
+    app[METRICS] = gateway.metrics
+    app.cleanup_ctx.append(gateway.resources)
+    app.on_response_prepare.append(make_cors_hook(settings.cors))
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    return app
+
+
+def create_admin_app(metrics: Metrics) -> web.Application:
+    """The admin listener: ``/metrics`` lives here, never on the public port."""
+
+    async def render_metrics(request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    admin = web.Application()
+    admin.router.add_get("/metrics", render_metrics)
+    admin.router.add_get("/healthz", healthz)
+    return admin
+
+
+async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then stop accepting and let in-flight requests finish."""
+    app = create_app(settings)
+    runners = [web.AppRunner(app, shutdown_timeout=settings.server.shutdown_grace)]
+    if settings.server.admin is not None:
+        runners.append(web.AppRunner(create_admin_app(app[METRICS])))
+    for runner in runners:
+        await runner.setup()
+    server = settings.server
+    await web.TCPSite(runners[0], server.host, server.port, backlog=1024).start()
+    if server.admin is not None:
+        await web.TCPSite(runners[1], server.admin.host, server.admin.port).start()
+    log.info("gateway listening on http://%s:%d", server.host, server.port)
+    if ready is not None:
+        ready()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway stopping: draining in-flight requests")
+        for runner in reversed(runners):
+            await runner.cleanup()

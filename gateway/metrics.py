@@ -1,0 +1,52 @@
+"""Metrics: Prometheus counters and histograms, one registry per app (no global state).
+
+Labels are bounded: route names come from the config, reasons from a fixed set of codes,
+statuses from HTTP. Nothing client-controlled becomes a label value.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Label for requests handled by the gateway itself rather than a configured route.
+OWN_ENDPOINT = "_gateway"
+NO_ROUTE = "_none"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time to response headers, by route.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures",
+            "Refused credentials and policy denials, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Upstream time to response headers, by route.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures (502/504), by route and kind.",
+            ["route", "kind"],
+            registry=self.registry,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

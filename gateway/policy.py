@@ -1,0 +1,52 @@
+"""Policy: a route's ``auth`` mode applied to the credential a request presents.
+
+Guarantee: an identity is returned only for a token that verified; ``public`` routes never
+examine credentials; ``optional`` routes still refuse a credential that is presented and bad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.config import RouteSettings
+from gateway.errors import InvalidToken, Unauthorized
+from gateway.identity import Identity, authorize
+
+Verifier = Callable[[str], Identity]
+
+
+def bearer_token(authorization: list[str]) -> str | None:
+    """The bearer token of the request's ``Authorization`` headers, or None if none is offered.
+
+    A non-Bearer scheme (e.g. Basic meant for the upstream) is no credential of ours. Two
+    ``Authorization`` headers, or an empty bearer, are a malformed credential.
+    """
+    if not authorization:
+        return None
+    if len(authorization) > 1:
+        raise InvalidToken("malformed", "Exactly one Authorization header is allowed.")
+    scheme, _, token = authorization[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    if not token:
+        raise InvalidToken("malformed", "The bearer token is empty.")
+    return token
+
+
+def require_identity(token: str | None, verify: Verifier) -> Identity:
+    """The identity behind ``token``; 401 without one (RFC 6750 §3.1: no error code)."""
+    if token is None:
+        raise Unauthorized("A bearer token is required.")
+    return verify(token)
+
+
+def evaluate(route: RouteSettings, token: str | None, verify: Verifier) -> Identity | None:
+    """Apply ``route.auth`` (CONTRACT §3); raises 401/403 errors, returns the identity to inject."""
+    if route.auth == "public":
+        return None
+    if route.auth == "optional" and token is None:
+        return None
+    identity = require_identity(token, verify)
+    authorize(route, identity)
+    return identity

@@ -1,0 +1,185 @@
+"""Black-box fixtures: the real gateway and a real echo upstream, each its own process.
+
+The echo upstream answers with exactly what it received (raw path, every header copy, body),
+so a test asserts on what reached the upstream, and on what did not.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def start_process(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args], cwd=cwd, stdout=out, stderr=out, env=env
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Echo:
+    url: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def echo_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Echo]:
+    workdir = tmp_path_factory.mktemp("echo")
+    port = free_port()
+    proc = start_process(["echo", "--port", str(port)], workdir, workdir / "echo.log")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ready", proc)
+        yield Echo(f"http://127.0.0.1:{port}", port)
+    finally:
+        stop_process(proc)
+
+
+ROUTES = """
+routes:
+  - name: api
+    path: /api
+    upstream: {echo}
+  - name: admin
+    path: /admin
+    upstream: {echo}
+    roles: [admin]
+  - name: public
+    path: /public
+    upstream: {echo}
+    auth: public
+  - name: maybe
+    path: /maybe
+    upstream: {echo}
+    auth: optional
+  - name: stripped
+    path: /strip
+    upstream: {echo}/base
+    strip_prefix: true
+  - name: readonly
+    path: /ro
+    methods: [GET]
+    upstream: {echo}
+"""
+
+
+@dataclass
+class Gateway:
+    url: str
+    admin_url: str
+    workdir: Path
+    config: Path
+    proc: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return (self.workdir / "gateway.log").read_text(errors="replace")
+
+
+def gateway_config(port: int, admin_port: int, extra: str, routes: str) -> str:
+    return textwrap.dedent(
+        f"""
+        server:
+          host: 127.0.0.1
+          port: {port}
+          public_url: http://127.0.0.1:{port}
+          admin: {{host: 127.0.0.1, port: {admin_port}}}
+        database:
+          url: sqlite:///data/gateway.db
+        tokens:
+          keys_dir: data/keys
+        """
+    ) + textwrap.dedent(extra) + textwrap.dedent(routes)
+
+
+def launch_gateway(
+    workdir: Path, echo: Echo, *, extra: str = "", routes: str = ROUTES
+) -> Gateway:
+    port, admin_port = free_port(), free_port()
+    accounts = "" if "accounts:" in extra else "accounts:\n  bcrypt_rounds: 4\n"
+    text = gateway_config(port, admin_port, accounts + extra, routes.format(echo=echo.url))
+    config = workdir / "gateway.yaml"
+    config.write_text(text)
+    proc = start_process(["serve", "-c", str(config)], workdir, workdir / "gateway.log")
+    gw = Gateway(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", workdir, config,
+                 proc)
+    try:
+        wait_until_up(gw.url + "/healthz", proc)
+    except RuntimeError:
+        stop_process(proc)
+        raise RuntimeError("gateway did not start:\n" + gw.log()) from None
+    return gw
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, echo_upstream: Echo) -> Iterator[Gateway]:
+    """One gateway for the read-mostly tests; generous rate limits so tests don't collide."""
+    workdir = tmp_path_factory.mktemp("gateway")
+    gw = launch_gateway(
+        workdir,
+        echo_upstream,
+        extra="""
+        accounts:
+          bcrypt_rounds: 4
+          login_rate_limit: 1000/min
+          register_rate_limit: 1000/min
+        """,
+    )
+    yield gw
+    stop_process(gw.proc)
+
+
+@pytest.fixture
+def fresh_gateway(tmp_path: Path, echo_upstream: Echo) -> Iterator[object]:
+    """A factory for a gateway of one test's own (for limits, closed registration...)."""
+    started: list[Gateway] = []
+
+    def start(extra: str = "", routes: str = ROUTES) -> Gateway:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        gw = launch_gateway(workdir, echo_upstream, extra=extra, routes=routes)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        stop_process(gw.proc)
