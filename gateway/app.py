@@ -39,6 +39,7 @@ log = logging.getLogger("gateway")
 
 GATEWAY = web.AppKey("gateway", "Gateway")
 METRICS = web.AppKey("metrics", Metrics)
+PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
 
 
 def request_path(request: web.Request) -> str:
@@ -82,12 +83,23 @@ class Gateway:
         """``cleanup_ctx``: open the store and upstream pool, close them on shutdown."""
         await self.store.open()
         await self.forwarder.start()
+        housekeeping = asyncio.create_task(self._prune_forever())
         try:
             yield
         finally:
+            housekeeping.cancel()
             await self.forwarder.close()
             await self.store.close()
             self.hasher.close()
+
+    async def _prune_forever(self) -> None:
+        """Keep the rate-event and refresh-token tables small; a failure only waits a round."""
+        while True:
+            try:
+                await self.accounts.prune()
+            except Exception:
+                log.warning("housekeeping failed; retrying in %ds", PRUNE_INTERVAL, exc_info=True)
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     # -- who is asking ---------------------------------------------------------------
 
