@@ -37,7 +37,6 @@ from gateway.tokens import KeyRing, TokenService
 
 log = logging.getLogger("gateway")
 
-GATEWAY = web.AppKey("gateway", "Gateway")
 METRICS = web.AppKey("metrics", Metrics)
 PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
 
@@ -151,7 +150,9 @@ class Gateway:
             self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
 
     async def _own_endpoint(
-        self, request: web.Request, handlers: dict[str, Callable]  # type: ignore[type-arg]
+        self,
+        request: web.Request,
+        handlers: dict[str, Callable],  # type: ignore[type-arg]
     ) -> web.StreamResponse:
         handler = handlers.get(request.method)
         if handler is None:
@@ -168,11 +169,15 @@ class Gateway:
         try:
             if route.websocket and is_websocket_upgrade(request):
                 return await self.forwarder.forward_websocket(
-                    request, route=route, upstream_path=match.upstream_path,
+                    request,
+                    route=route,
+                    upstream_path=match.upstream_path,
                     headers=upstream_headers,
                 )
             return await self.forwarder.forward(
-                request, route=route, upstream_path=match.upstream_path,
+                request,
+                route=route,
+                upstream_path=match.upstream_path,
                 headers=upstream_headers,
             )
         except Exception as err:
@@ -182,16 +187,12 @@ class Gateway:
                 self.metrics.upstream_errors.labels(route.name, kind).inc()
             raise
         finally:
-            self.metrics.upstream_duration.labels(route.name).observe(
-                time.perf_counter() - started
-            )
+            self.metrics.upstream_duration.labels(route.name).observe(time.perf_counter() - started)
 
     def _bearer(self, request: web.Request) -> str | None:
         return bearer_token(request.headers.getall("Authorization", []))
 
-    def _upstream_headers(
-        self, request: web.Request, identity: Identity | None, match: RouteMatch
-    ):  # type: ignore[no-untyped-def]
+    def _upstream_headers(self, request: web.Request, identity: Identity | None, match: RouteMatch):  # type: ignore[no-untyped-def]
         trusted = self.peer_trusted(request)
         out = hdr.clean_request_headers(
             self.header_policy,
@@ -229,8 +230,10 @@ class Gateway:
             "X-Original-URI"
         )
         if original_uri:
-            method = request.headers.get("X-Forwarded-Method") or request.headers.get(
-                "X-Original-Method", "GET"
+            method = (
+                request.headers.get("X-Forwarded-Method")
+                or request.headers.get("X-Original-Method")
+                or "GET"
             )
             host = request.headers.get("X-Forwarded-Host") or request.host
             target = original_uri.partition("?")[0]
@@ -243,6 +246,9 @@ class Gateway:
         if identity is not None:
             headers.update(hdr.identity_header_values(self.settings.headers, identity))
         return web.Response(status=200, headers=headers)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
@@ -279,6 +285,9 @@ def create_admin_app(metrics: Metrics) -> web.Application:
 
 async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM, then stop accepting and let in-flight requests finish."""
+    if settings.server.workers != 1:
+        # Several processes on one port arrive with scale-out; say so rather than pretend.
+        log.warning("server.workers=%d: this version runs one process", settings.server.workers)
     app = create_app(settings)
     runners = [web.AppRunner(app, shutdown_timeout=settings.server.shutdown_grace)]
     if settings.server.admin is not None:

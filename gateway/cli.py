@@ -71,8 +71,8 @@ def cmd_routes(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
-        print("  ".join(cells).rstrip())
+        padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*padded, row[-1]]).rstrip())
     return 0
 
 
@@ -195,7 +195,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     # -c is accepted before or after the command; SUPPRESS keeps a subcommand's absent -c
     # from overwriting one given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="FILE")
     parser = _Parser(prog="gateway", description="Authentication gateway")
     parser.add_argument("-c", "--config", default=default_config_path(), metavar="FILE")

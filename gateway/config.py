@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
@@ -255,9 +255,9 @@ class _Loader(yaml.SafeLoader):
         super().__init__(stream)
         self.retypable: set[int] = set()
 
-    def compose_scalar_node(self, anchor: str | None) -> yaml.ScalarNode:
-        event = self.peek_event()
-        node = super().compose_scalar_node(anchor)
+    def compose_scalar_node(self, anchor: str | None) -> yaml.ScalarNode:  # type: ignore[override]
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        node = super().compose_scalar_node(anchor)  # type: ignore[arg-type]
         if event.tag is None and event.style is None:
             self.retypable.add(id(node))
         return node
@@ -335,7 +335,7 @@ class _Reader:
         if isinstance(node, yaml.SequenceNode):
             items = [self.tree(item, f"{path}[{i}]", seen) for i, item in enumerate(node.value)]
             return _Node(items, line, path)
-        return self._scalar(node, path)
+        return self._scalar(cast(yaml.ScalarNode, node), path)
 
     def _mapping(self, node: yaml.MappingNode, path: str, seen: frozenset[int]) -> dict[str, _Node]:
         out: dict[str, _Node] = {}
@@ -396,7 +396,9 @@ class _Reader:
             if id(node) not in self._loader.retypable:
                 return _Node(substituted, line, path, text=substituted)
             # Plain scalar: type the result as YAML would have typed it written out.
-            tag = self._loader.resolve(yaml.ScalarNode, substituted, (True, False))
+            tag = self._loader.resolve(  # type: ignore[no-untyped-call]
+                yaml.ScalarNode, substituted, (True, False)
+            )
             node = yaml.ScalarNode(tag, substituted, node.start_mark, node.end_mark)
             text = substituted
         try:
@@ -521,8 +523,14 @@ def _unknown_key(key: str, allowed: Collection[str]) -> str:
 def _kind(value: object) -> str:
     if value is None:
         return "null"
-    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-             (list, "a list"), (dict, "a mapping"))
+    kinds = (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "a mapping"),
+    )
     for cls, name in kinds:
         if isinstance(value, cls):
             return name
@@ -546,11 +554,29 @@ _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
-               "gb": 10**9, "gib": 2**30}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "kib": 2**10,
+    "mb": 10**6,
+    "mib": 2**20,
+    "gb": 10**9,
+    "gib": 2**30,
+}
 _RATE = re.compile(r"(\d+)\s*/\s*([A-Za-z]+)")
-_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
-               "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_RATE_UNITS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2
 _GLOB = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\[\]?-]+")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -913,6 +939,7 @@ def _origin(value: object) -> str:
 # ----------------------------------------------------------------------------------------
 # Sections
 
+
 def _keys(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(cls))
 
@@ -1020,16 +1047,22 @@ def _check_secret(
         return  # already reported (an unset ${VAR})
     if tokens.algorithm != "HS256":
         if tokens.secret is not None and secret_node is not None:
-            r.report(secret_node.line, secret_node.path,
-                     f"only used with algorithm HS256 (algorithm is {tokens.algorithm}); remove it")
+            r.report(
+                secret_node.line,
+                secret_node.path,
+                f"only used with algorithm HS256 (algorithm is {tokens.algorithm}); remove it",
+            )
         return
     if tokens.secret is None:
         where = secret_node or m.get("algorithm") or node
         line = where.line if where is not None else 1
         r.report(line, "tokens.secret", "required when algorithm is HS256 (at least 32 bytes)")
     elif len(tokens.secret.reveal().encode("utf-8")) < _MIN_HS256_SECRET and secret_node:
-        r.report(secret_node.line, secret_node.path,
-                 f"too short for HS256: use at least {_MIN_HS256_SECRET} random bytes")
+        r.report(
+            secret_node.line,
+            secret_node.path,
+            f"too short for HS256: use at least {_MIN_HS256_SECRET} random bytes",
+        )
 
 
 def _make_keys_dir(r: _Reader, node: _Node | None, keys_dir: Path) -> None:
@@ -1099,9 +1132,16 @@ def _issuer(r: _Reader, item: _Node) -> IssuerSettings | None:
         if item.value is None:
             r.report(item.line, item.path, "expected an issuer mapping, got null")
         return None
-    ok = all([r.require(item, m, key, what) for key, what in (
-        ("name", "a name for this issuer"), ("issuer", "the issuer URL (its 'iss')"),
-        ("audience", "the 'aud' its tokens carry for this gateway"))])
+    ok = all(
+        [
+            r.require(item, m, key, what)
+            for key, what in (
+                ("name", "a name for this issuer"),
+                ("issuer", "the issuer URL (its 'iss')"),
+                ("audience", "the 'aud' its tokens carry for this gateway"),
+            )
+        ]
+    )
     name = r.take(m.get("name"), _name, None)
     url = r.take(m.get("issuer"), _remote_url, None)
     audience = _text(r, m.get("audience"), None)
@@ -1186,8 +1226,11 @@ def _route(r: _Reader, item: _Node) -> RouteSettings | None:
         if item.value is None:
             r.report(item.line, item.path, "expected a route mapping, got null")
         return None
-    required = (("name", "a route name"), ("path", "a path such as /api"),
-                ("upstream", "an http(s) URL or a list of them"))
+    required = (
+        ("name", "a route name"),
+        ("path", "a path such as /api"),
+        ("upstream", "an http(s) URL or a list of them"),
+    )
     ok = all([r.require(item, m, key, what) for key, what in required])
     d = RouteSettings(name="", path="/", upstreams=())
     route = RouteSettings(
@@ -1270,11 +1313,17 @@ def _check_overlaps(r: _Reader, routes: list[tuple[_Node, RouteSettings]]) -> No
     for index, (item, route) in enumerate(routes):
         for earlier_item, earlier in routes[:index]:
             if _overlap(earlier, route):
-                methods = "any method" if route.methods is None or earlier.methods is None else (
-                    ", ".join(x for x in route.methods if x in earlier.methods))
-                r.report(item.line, item.path,
-                         f"overlaps route {earlier.name!r} (line {earlier_item.line}): same host "
-                         f"and path {route.path!r}, both match {methods}")
+                methods = (
+                    "any method"
+                    if route.methods is None or earlier.methods is None
+                    else (", ".join(x for x in route.methods if x in earlier.methods))
+                )
+                r.report(
+                    item.line,
+                    item.path,
+                    f"overlaps route {earlier.name!r} (line {earlier_item.line}): same host "
+                    f"and path {route.path!r}, both match {methods}",
+                )
                 break
 
 

@@ -72,8 +72,9 @@ def _unused_verifier(token: str) -> Identity:
 
 def _own_endpoint(settings: Settings, path: str) -> str | None:
     p = settings.accounts.prefix
-    own = {f"{p}/{name}" for name in ("register", "login", "refresh", "logout", "profile",
-                                       "password", "verify")}
-    own |= {"/.well-known/jwks.json", "/.well-known/openid-configuration", "/healthz",
-            "/readyz"}
+    own = {
+        f"{p}/{name}"
+        for name in ("register", "login", "refresh", "logout", "profile", "password", "verify")
+    }
+    own |= {"/.well-known/jwks.json", "/.well-known/openid-configuration", "/healthz", "/readyz"}
     return path if path in own else None

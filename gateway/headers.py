@@ -123,7 +123,9 @@ class HeaderPolicy:
         return peer_is_trusted(peer, self.trusted_proxies)
 
     def _owned(self, norm: str) -> bool:
-        return norm in self.identity or (self._strip is not None and self._strip.match(norm) is not None)
+        return norm in self.identity or (
+            self._strip is not None and self._strip.match(norm) is not None
+        )
 
     def __repr__(self) -> str:
         return f"HeaderPolicy(identity={sorted(self.identity)!r}, strip={self.settings.strip!r})"
@@ -195,7 +197,11 @@ def clean_request_headers(
     for name, value in headers.items():
         norm = _norm(name)
         if _drop_request_header(
-            policy, norm, connection, peer_trusted=peer_trusted, forward_authorization=forward_authorization
+            policy,
+            norm,
+            connection,
+            peer_trusted=peer_trusted,
+            forward_authorization=forward_authorization,
         ):
             continue
         if websocket and norm.startswith("sec-websocket-"):
@@ -340,7 +346,9 @@ class _IdentityLike(Protocol):
     def roles(self) -> tuple[str, ...]: ...
 
 
-def identity_header_values(settings: HeaderSettings, identity: _IdentityLike) -> list[tuple[str, str]]:
+def identity_header_values(
+    settings: HeaderSettings, identity: _IdentityLike
+) -> list[tuple[str, str]]:
     """The identity headers for a verified caller, encoded by ``encode_value``.
 
     Roles are comma-joined; a header that is not configured, or whose value is empty, is left
@@ -361,4 +369,3 @@ def request_id(client_value: str | None) -> str:
     if client_value is not None and _REQUEST_ID.fullmatch(client_value):
         return client_value
     return uuid.uuid4().hex
-

@@ -95,7 +95,7 @@ def _strictly_equal(expected: object, actual: object) -> bool:
             isinstance(actual, Sequence)
             and not isinstance(actual, str)
             and len(expected) == len(actual)
-            and all(_strictly_equal(e, a) for e, a in zip(expected, actual))
+            and all(_strictly_equal(e, a) for e, a in zip(expected, actual, strict=True))
         )
     return type(expected) is type(actual) and expected == actual
 
@@ -181,8 +181,11 @@ def _roles_claim(value: Any) -> tuple[str, ...]:
 
 def _valid_role(role: str) -> bool:
     # "," would split one role into two in the comma-joined roles header.
-    return bool(role) and "," not in role and not any(ch.isspace() for ch in role) and not (
-        _has_control(role) or any(unicodedata.category(ch) == "Cf" for ch in role)
+    return (
+        bool(role)
+        and "," not in role
+        and not any(ch.isspace() for ch in role)
+        and not (_has_control(role) or any(unicodedata.category(ch) == "Cf" for ch in role))
     )
 
 

@@ -60,7 +60,9 @@ class _Upload:
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     """True for a websocket opening handshake (RFC 6455 §4.1)."""
-    connection = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
+    connection = {
+        t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")
+    }
     return (
         request.method == "GET"
         and "upgrade" in connection
@@ -146,7 +148,9 @@ class Forwarder:
         )
 
     @staticmethod
-    def _set_host(headers: CIMultiDict[str], request: web.BaseRequest, route: RouteSettings) -> None:
+    def _set_host(
+        headers: CIMultiDict[str], request: web.BaseRequest, route: RouteSettings
+    ) -> None:
         headers.popall("Host", None)
         client_host = request.headers.get("Host")
         if route.preserve_host and client_host:
@@ -229,7 +233,9 @@ class Forwarder:
         log.info("upstream of route %s failed: %s", route.name, type(exc).__name__)
         return BadGateway("The upstream service is unreachable or answered badly.")
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
@@ -271,7 +277,10 @@ class Forwarder:
         out = CIMultiDict(headers)
         self._set_host(out, request, route)
         protocols = tuple(
-            p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()
+            p.strip()
+            for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in v.split(",")
+            if p.strip()
         )
         try:
             async with asyncio.timeout(route.timeout + self.connect_timeout):
@@ -300,7 +309,9 @@ class Forwarder:
             if not upstream.closed:
                 await upstream.close()
 
-    async def _pump_both(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    async def _pump_both(
+        self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+    ) -> None:
         # autoclose is off on both sides: a close is relayed to the other side first, and only
         # then answered, so the closing side never goes away before its code was passed on.
         to_upstream = asyncio.create_task(_pump(client, upstream))

@@ -232,9 +232,7 @@ class RouteTable:
         ordered: list[tuple[bool, int, int, RouteSettings]] = []
         for index, route in enumerate(routes):
             segments = _route_segments(route)
-            methods = (
-                None if route.methods is None else frozenset(m.upper() for m in route.methods)
-            )
+            methods = None if route.methods is None else frozenset(m.upper() for m in route.methods)
             host = normalize_host(route.host)
             entries.setdefault(host, []).append(_Entry(route, segments, methods, index))
             ordered.append((host is None, -len(segments), index, route))

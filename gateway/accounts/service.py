@@ -129,9 +129,7 @@ class AccountService:
         now = self._clock()
         token_hash = _digest(token)
         record = await self._usable_refresh(token, token_hash, now)
-        user = await self._active_user(
-            record.user_id, reason="invalid_refresh", detail=BAD_REFRESH
-        )
+        user = await self._active_user(record.user_id, reason="invalid_refresh", detail=BAD_REFRESH)
         if record.spent_at is None and await self._store.spend_refresh(token_hash, now):
             return await self._issue(user, record.family_id, record.expires_at, now)
         # Spent before, or by a concurrent request just now: look again.
@@ -327,9 +325,7 @@ def _valid_role(role: str) -> bool:
     return (
         0 < len(role) <= MAX_ROLE_LENGTH
         and "," not in role
-        and not any(
-            ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in role
-        )
+        and not any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in role)
     )
 
 

@@ -16,8 +16,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 
 def free_port() -> int:
@@ -115,28 +117,47 @@ class Gateway:
         return (self.workdir / "gateway.log").read_text(errors="replace")
 
 
-def gateway_config(port: int, admin_port: int, extra: str, routes: str) -> str:
-    return textwrap.dedent(
-        f"""
-        server:
-          host: 127.0.0.1
-          port: {port}
-          public_url: http://127.0.0.1:{port}
-          admin: {{host: 127.0.0.1, port: {admin_port}}}
-        database:
-          url: sqlite:///data/gateway.db
-        tokens:
-          keys_dir: data/keys
-        """
-    ) + textwrap.dedent(extra) + textwrap.dedent(routes)
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def gateway_config(
+    port: int, admin_port: int, extra: str, routes: str, server_extra: str = ""
+) -> str:
+    """The test config: loopback defaults, deep-merged with ``extra`` (YAML text of any
+    sections) and ``server_extra`` (YAML text of more ``server:`` keys), then ``routes``."""
+    base: dict[str, Any] = {
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "public_url": f"http://127.0.0.1:{port}",
+            "admin": {"host": "127.0.0.1", "port": admin_port},
+        },
+        "database": {"url": "sqlite:///data/gateway.db"},
+        "tokens": {"keys_dir": "data/keys"},
+        "accounts": {"bcrypt_rounds": 4},
+    }
+    merged = deep_merge(base, yaml.safe_load(textwrap.dedent(extra)) or {})
+    merged["server"].update(yaml.safe_load(textwrap.dedent(server_extra)) or {})
+    return yaml.safe_dump(merged, sort_keys=False) + textwrap.dedent(routes)
 
 
 def launch_gateway(
-    workdir: Path, echo: Echo, *, extra: str = "", routes: str = ROUTES
+    workdir: Path,
+    echo: Echo,
+    *,
+    extra: str = "",
+    routes: str = ROUTES,
+    server_extra: str = "",
 ) -> Gateway:
     port, admin_port = free_port(), free_port()
-    accounts = "" if "accounts:" in extra else "accounts:\n  bcrypt_rounds: 4\n"
-    text = gateway_config(port, admin_port, accounts + extra, routes.format(echo=echo.url))
+    text = gateway_config(port, admin_port, extra, routes.format(echo=echo.url), server_extra)
     config = workdir / "gateway.yaml"
     config.write_text(text)
     proc = start_process(["serve", "-c", str(config)], workdir, workdir / "gateway.log")
