@@ -153,7 +153,10 @@ async def test_register_login_profile(env: Env) -> None:
         " Alice@Example.com ", PASSWORD, "  Alice Liddell ", client_ip=IP
     )
     assert (user.email, user.email_key, user.name, user.roles) == (
-        "Alice@Example.com", "alice@example.com", "Alice Liddell", ("user",)
+        "Alice@Example.com",
+        "alice@example.com",
+        "Alice Liddell",
+        ("user",),
     )
     assert user.created_at == T0
     assert user.password_hash and user.password_hash.startswith("$2b$04$")
@@ -161,7 +164,10 @@ async def test_register_login_profile(env: Env) -> None:
     pair = await env.login("alice@example.com")
     identity = env.tokens.verify(pair.access_token)
     assert (identity.id, identity.email, identity.name, identity.roles) == (
-        user.id, "Alice@Example.com", "Alice Liddell", ("user",)
+        user.id,
+        "Alice@Example.com",
+        "Alice Liddell",
+        ("user",),
     )
     assert pair.expires_in == 900
     assert len(pair.refresh_token) >= 43
@@ -201,8 +207,13 @@ async def test_concurrent_registrations_make_one_account(env: Env) -> None:
     results = await asyncio.gather(
         *(
             env.service.register(variant, PASSWORD, None, client_ip=IP)
-            for variant in ("alice@example.com", "ALICE@example.com", "Alice@EXAMPLE.com",
-                            "\uff41lice@example.com", " alice@example.com ")
+            for variant in (
+                "alice@example.com",
+                "ALICE@example.com",
+                "Alice@EXAMPLE.com",
+                "\uff41lice@example.com",
+                " alice@example.com ",
+            )
         ),
         return_exceptions=True,
     )
@@ -306,7 +317,9 @@ async def test_failed_logins_get_one_answer_after_one_check(
         await env.login(email, password)
     assert env.hasher.verifies == before + 1
     assert (info.value.status, info.value.code, info.value.detail) == (
-        401, "invalid_credentials", "The email or password is incorrect."
+        401,
+        "invalid_credentials",
+        "The email or password is incorrect.",
     )
 
 

@@ -176,7 +176,9 @@ async def test_update_user_changes_only_given_fields(store: SqliteStore) -> None
     updated = await store.update_user(user.id, roles=("ops",), disabled=True)
     assert updated is not None
     assert (updated.roles, updated.disabled, updated.password_hash) == (
-        ("ops",), True, user.password_hash
+        ("ops",),
+        True,
+        user.password_hash,
     )
     updated = await store.update_user(user.id, password_hash="$2b$04$new")
     assert updated is not None

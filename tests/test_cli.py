@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,11 @@ routes:
 def run(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
-        cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -52,18 +55,46 @@ def test_check_config_ok(workdir: Path) -> None:
 BROKEN = [
     ("server:\n  port: eighty\n" + BASE.split("\n", 2)[2], 2, "server.port"),
     (BASE.replace("  port: 18080", "  port: 18080\n  colour: blue"), 3, "server.colour"),
-    (BASE.replace("upstream: http://127.0.0.1:9000", "upstream: ftp://x"), 12, "routes[0].upstream"),
-    (BASE.replace("  - name: api\n    path: /api", "  - name: api\n    path: api"), 11, "routes[0].path"),
+    (
+        BASE.replace("upstream: http://127.0.0.1:9000", "upstream: ftp://x"),
+        12,
+        "routes[0].upstream",
+    ),
+    (
+        BASE.replace("  - name: api\n    path: /api", "  - name: api\n    path: api"),
+        11,
+        "routes[0].path",
+    ),
     (BASE.replace("    auth: public", "    auth: maybe"), 17, "routes[1].auth"),
     (BASE.replace("name: docs", "name: api"), 13, "routes[1].name"),
-    (BASE + "  - name: api2\n    path: /api\n    upstream: http://127.0.0.1:9000\n", 18, "routes[2]"),
-    (BASE.replace("  keys_dir: data/keys", "  keys_dir: data/keys\n  algorithm: HS256"), 7, "tokens.secret"),
-    (BASE.replace("  bcrypt_rounds: 4", "  bcrypt_rounds: 4\n  login_rate_limit: lots"), 9, "accounts.login_rate_limit"),
-    (BASE.replace("  keys_dir: data/keys", "  keys_dir: data/keys\n  access_ttl: 15 minutes"), 7, "tokens.access_ttl"),
+    (
+        BASE + "  - name: api2\n    path: /api\n    upstream: http://127.0.0.1:9000\n",
+        18,
+        "routes[2]",
+    ),
+    (
+        BASE.replace("  keys_dir: data/keys", "  keys_dir: data/keys\n  algorithm: HS256"),
+        7,
+        "tokens.secret",
+    ),
+    (
+        BASE.replace("  bcrypt_rounds: 4", "  bcrypt_rounds: 4\n  login_rate_limit: lots"),
+        9,
+        "accounts.login_rate_limit",
+    ),
+    (
+        BASE.replace("  keys_dir: data/keys", "  keys_dir: data/keys\n  access_ttl: 15 minutes"),
+        7,
+        "tokens.access_ttl",
+    ),
     (BASE.split("routes:")[0] + "routes: []\n", 9, "routes"),
     (BASE.replace("  url: sqlite:///data/gateway.db", "  url: mysql://db/x"), 4, "database.url"),
     (BASE.replace("  port: 18080", "  port: ${NOT_SET_ANYWHERE}"), 2, "server.port"),
-    (BASE.replace("  bcrypt_rounds: 4", "  bcrypt_rounds: 4\n  registration: sometimes"), 9, "accounts.registration"),
+    (
+        BASE.replace("  bcrypt_rounds: 4", "  bcrypt_rounds: 4\n  registration: sometimes"),
+        9,
+        "accounts.registration",
+    ),
 ]
 
 
@@ -107,12 +138,30 @@ def test_explain(workdir: Path) -> None:
 
 def test_users_lifecycle(workdir: Path) -> None:
     c = ("-c", "gateway.yaml")
-    added = run(workdir, "users", "add", "ops@example.com", "--name", "Ops", "--roles",
-                "admin,user", "--password-stdin", *c, stdin="a long password\n")
+    added = run(
+        workdir,
+        "users",
+        "add",
+        "ops@example.com",
+        "--name",
+        "Ops",
+        "--roles",
+        "admin,user",
+        "--password-stdin",
+        *c,
+        stdin="a long password\n",
+    )
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["roles"] == ["admin", "user"]
-    dup = run(workdir, "users", "add", "OPS@example.com", "--password-stdin", *c,
-              stdin="a long password\n")
+    dup = run(
+        workdir,
+        "users",
+        "add",
+        "OPS@example.com",
+        "--password-stdin",
+        *c,
+        stdin="a long password\n",
+    )
     assert dup.returncode == 1 and dup.stderr.startswith("gateway: ")
     assert "ops@example.com" in run(workdir, "users", "list", *c).stdout
     assert run(workdir, "users", "disable", "ops@example.com", *c).returncode == 0

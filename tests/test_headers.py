@@ -65,13 +65,22 @@ def test_forged_identity_headers_never_pass(pairs: list[tuple[str, str]], truste
 
 def test_custom_identity_names_and_globs() -> None:
     settings = HeaderSettings(
-        id="Remote-User", email=None, name=None, roles="Remote-Groups", issuer=None,
-        assertion="X-Identity-Assertion", strip=("X-Internal-*", "*_secret"),
+        id="Remote-User",
+        email=None,
+        name=None,
+        roles="Remote-Groups",
+        issuer=None,
+        assertion="X-Identity-Assertion",
+        strip=("X-Internal-*", "*_secret"),
     )
     policy = HeaderPolicy(settings)
     headers = incoming(
-        ("remote_user", "a"), ("REMOTE-GROUPS", "b"), ("x-identity_assertion", "c"),
-        ("X-Internal-Token", "d"), ("My-Secret", "e"), ("X-User-Id", "kept: not configured"),
+        ("remote_user", "a"),
+        ("REMOTE-GROUPS", "b"),
+        ("x-identity_assertion", "c"),
+        ("X-Internal-Token", "d"),
+        ("My-Secret", "e"),
+        ("X-User-Id", "kept: not configured"),
     )
     out = clean_request_headers(policy, headers, peer_trusted=False)
     assert list(out.items()) == [("X-User-Id", "kept: not configured")]
@@ -81,9 +90,20 @@ def test_custom_identity_names_and_globs() -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "Connection", "Keep-Alive", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-        "Proxy-Authorization", "Proxy-Authenticate", "Proxy-Connection", "Proxy-Anything",
-        "proxy_authorization", "Host", "Content-Length", "Expect",
+        "Connection",
+        "Keep-Alive",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Proxy-Authenticate",
+        "Proxy-Connection",
+        "Proxy-Anything",
+        "proxy_authorization",
+        "Host",
+        "Content-Length",
+        "Expect",
     ],
 )
 def test_hop_by_hop_and_framing_headers_removed(name: str) -> None:
@@ -121,7 +141,9 @@ def test_headers_named_in_every_connection_copy_are_removed() -> None:
         ("x_forwarded_for", False, False),
     ],
 )
-def test_forwarding_headers_depend_on_trust(name: str, untrusted_kept: bool, trusted_kept: bool) -> None:
+def test_forwarding_headers_depend_on_trust(
+    name: str, untrusted_kept: bool, trusted_kept: bool
+) -> None:
     assert (name in clean((name, "1.2.3.4"), trusted=False)) is untrusted_kept
     assert (name in clean((name, "1.2.3.4"), trusted=True)) is trusted_kept
 
@@ -134,8 +156,12 @@ def test_authorization_only_when_the_route_forwards_it(forward: bool) -> None:
 
 def test_websocket_handshake_headers_left_to_the_ws_client() -> None:
     pairs = (
-        ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "k"),
-        ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Protocol", "chat"), ("Origin", "http://o"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "k"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Protocol", "chat"),
+        ("Origin", "http://o"),
     )
     assert list(clean(*pairs, websocket=True).items()) == [("Origin", "http://o")]
     assert "Sec-WebSocket-Key" in clean(*pairs, websocket=False)
@@ -170,20 +196,30 @@ def test_ordinary_headers_keep_order_case_and_duplicates() -> None:
 
 # --- response headers ----------------------------------------------------------------------
 
+
 def test_response_hop_by_hop_removed_end_to_end_kept() -> None:
     headers = incoming(
-        ("Connection", "close, X-Hop"), ("X-Hop", "1"), ("Transfer-Encoding", "chunked"),
-        ("Keep-Alive", "timeout=5"), ("Content-Length", "12"), ("Set-Cookie", "a=1"),
-        ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip"), ("Proxy-Authenticate", "Basic"),
+        ("Connection", "close, X-Hop"),
+        ("X-Hop", "1"),
+        ("Transfer-Encoding", "chunked"),
+        ("Keep-Alive", "timeout=5"),
+        ("Content-Length", "12"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("Content-Encoding", "gzip"),
+        ("Proxy-Authenticate", "Basic"),
     )
     out = clean_response_headers(headers)
     assert list(out.items()) == [
-        ("Content-Length", "12"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
+        ("Content-Length", "12"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
         ("Content-Encoding", "gzip"),
     ]
 
 
 # --- client address and X-Forwarded-* ------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("peer", "xff", "expected"),
@@ -215,8 +251,14 @@ def test_policy_trusts_its_proxies() -> None:
 
 @pytest.mark.parametrize(
     ("peer", "trusted", "expected"),
-    [("10.1.2.3", TRUSTED, True), ("11.0.0.1", TRUSTED, False), ("10.1.2.3", (), False),
-     (None, TRUSTED, False), ("nonsense", TRUSTED, False), ("::1", TRUSTED, True)],
+    [
+        ("10.1.2.3", TRUSTED, True),
+        ("11.0.0.1", TRUSTED, False),
+        ("10.1.2.3", (), False),
+        (None, TRUSTED, False),
+        ("nonsense", TRUSTED, False),
+        ("::1", TRUSTED, True),
+    ],
 )
 def test_peer_is_trusted(peer: str | None, trusted: tuple, expected: bool) -> None:
     assert peer_is_trusted(peer, trusted) is expected
@@ -236,8 +278,12 @@ def test_forwarded_headers(trusted: bool, existing: str | None, expected_xff: st
     peer = "10.0.0.1" if trusted else "203.0.113.9"
     ip = "1.1.1.1" if trusted else peer
     out = forwarded_headers(
-        client_ip=ip, proto="https", host="app.example",
-        existing_xff=existing, peer_trusted=trusted, peer=peer,
+        client_ip=ip,
+        proto="https",
+        host="app.example",
+        existing_xff=existing,
+        peer_trusted=trusted,
+        peer=peer,
     )
     assert out == [
         ("X-Forwarded-For", expected_xff),
@@ -247,7 +293,9 @@ def test_forwarded_headers(trusted: bool, existing: str | None, expected_xff: st
 
 
 def test_forwarded_headers_without_host() -> None:
-    out = forwarded_headers(client_ip="1.2.3.4", proto="http", host=None, existing_xff=None, peer_trusted=False)
+    out = forwarded_headers(
+        client_ip="1.2.3.4", proto="http", host=None, existing_xff=None, peer_trusted=False
+    )
     assert [name for name, _ in out] == ["X-Forwarded-For", "X-Forwarded-Proto"]
 
 
@@ -268,10 +316,14 @@ def test_forwarded_proto(scheme: str, claims: list[str], trusted: bool, expected
 
 # --- identity header values ----------------------------------------------------------------
 
+
 def identity(**kwargs: object) -> Identity:
     base: dict[str, object] = {
-        "id": "6f1c", "issuer": "http://localhost:8080", "email": "a@example.com",
-        "name": "Ann", "roles": ("user", "admin"),
+        "id": "6f1c",
+        "issuer": "http://localhost:8080",
+        "email": "a@example.com",
+        "name": "Ann",
+        "roles": ("user", "admin"),
     }
     base.update(kwargs)
     return Identity(**base)  # type: ignore[arg-type]
@@ -316,7 +368,9 @@ def test_value_encoding(raw: str, encoded: str) -> None:
     assert urllib.parse.unquote(encoded) == raw  # a backend gets the exact value back
 
 
-@pytest.mark.parametrize("evil", ["x\r\nX-User-Roles: admin", "x\nInjected: 1", "x\rY", "x\x00", "\u2028x\u0085"])
+@pytest.mark.parametrize(
+    "evil", ["x\r\nX-User-Roles: admin", "x\nInjected: 1", "x\rY", "x\x00", "\u2028x\u0085"]
+)
 def test_no_header_injection_through_claims(evil: str) -> None:
     values = identity_header_values(HeaderSettings(), identity(name=evil, email=evil, id=evil))
     for _, value in values:
@@ -325,6 +379,7 @@ def test_no_header_injection_through_claims(evil: str) -> None:
 
 
 # --- request id ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("given", "kept"),

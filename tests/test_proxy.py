@@ -40,13 +40,16 @@ from gateway.proxy import Forwarder, is_websocket_upgrade
 MiB = 1024 * 1024
 MAX_BODY = 6 * MiB
 POLICY = HeaderPolicy(HeaderSettings())
-CALLER = Identity(id="user-1", issuer="http://gw", email="ann@example.com", name="Ann", roles=("user",))
+CALLER = Identity(
+    id="user-1", issuer="http://gw", email="ann@example.com", name="Ann", roles=("user",)
+)
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 AiohttpClient = Callable[..., Awaitable[TestClient]]
 
 
 # --- upstream ------------------------------------------------------------------------------
+
 
 @dataclass
 class Seen:
@@ -142,15 +145,23 @@ def upstream_app(up: Upstream) -> web.Application:
         return web.Response(body=b"hello world", headers={"X-Upstream": up.name})
 
     async def gzipped(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=gzip.compress(b"zipped" * 100), headers={"Content-Encoding": "gzip"})
+        return web.Response(
+            body=gzip.compress(b"zipped" * 100), headers={"Content-Encoding": "gzip"}
+        )
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         return web.Response(status=302, headers={"Location": "/elsewhere"})
 
     async def hop(request: web.Request) -> web.StreamResponse:
         return web.Response(
-            text="ok", headers={"Connection": "X-Private", "X-Private": "1", "Keep-Alive": "timeout=1",
-                                "Set-Cookie": "a=1", "X-Public": "2"},
+            text="ok",
+            headers={
+                "Connection": "X-Private",
+                "X-Private": "1",
+                "Keep-Alive": "timeout=1",
+                "Set-Cookie": "a=1",
+                "X-Public": "2",
+            },
         )
 
     async def reset(request: web.Request) -> web.StreamResponse:
@@ -183,9 +194,18 @@ def upstream_app(up: Upstream) -> web.Application:
         return sock
 
     handlers = {
-        "big": big, "trickle": trickle, "upload-progress": upload_progress, "sleep": sleep,
-        "status": status, "head": head, "gzip": gzipped, "redirect": redirect, "hop": hop,
-        "reset": reset, "die": die_mid_stream, "ws": ws,
+        "big": big,
+        "trickle": trickle,
+        "upload-progress": upload_progress,
+        "sleep": sleep,
+        "status": status,
+        "head": head,
+        "gzip": gzipped,
+        "redirect": redirect,
+        "hop": hop,
+        "reset": reset,
+        "die": die_mid_stream,
+        "ws": ws,
     }
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -207,19 +227,26 @@ async def start_upstream(aiohttp_server: AiohttpServer, name: str) -> Upstream:
 
 # --- the gateway side -----------------------------------------------------------------------
 
+
 def gateway_app(forwarder: Forwarder, routes: dict[str, RouteSettings]) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         route = routes[request.raw_path.split("/")[1]]
         websocket = route.websocket and is_websocket_upgrade(request)
         headers = clean_request_headers(
-            POLICY, request.headers, peer_trusted=False, websocket=websocket,
+            POLICY,
+            request.headers,
+            peer_trusted=False,
+            websocket=websocket,
             forward_authorization=route.forward_authorization,
         )
         headers.extend(identity_header_values(POLICY.settings, CALLER))
         headers.extend(
             forwarded_headers(
-                client_ip=request.remote or "unknown", proto=request.scheme, host=request.host,
-                existing_xff=None, peer_trusted=False,
+                client_ip=request.remote or "unknown",
+                proto=request.scheme,
+                host=request.host,
+                existing_xff=None,
+                peer_trusted=False,
             )
         )
         headers["X-Request-Id"] = request_id(request.headers.get("X-Request-Id"))
@@ -229,7 +256,9 @@ def gateway_app(forwarder: Forwarder, routes: dict[str, RouteSettings]) -> web.A
                 return await forwarder.forward_websocket(
                     request, route=route, upstream_path=upstream_path, headers=headers
                 )
-            return await forwarder.forward(request, route=route, upstream_path=upstream_path, headers=headers)
+            return await forwarder.forward(
+                request, route=route, upstream_path=upstream_path, headers=headers
+            )
         except GatewayError as err:
             return web.Response(status=err.status, text=err.code)
 
@@ -260,9 +289,13 @@ async def env(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient) -> A
         "api": RouteSettings(name="api", path="/api", upstreams=(a.url,)),
         "rr": RouteSettings(name="rr", path="/rr", upstreams=(a.url, b.url + "/")),
         "slow": RouteSettings(name="slow", path="/slow", upstreams=(a.url,), timeout=0.4),
-        "down": RouteSettings(name="down", path="/down", upstreams=(f"http://127.0.0.1:{closed_port()}",)),
+        "down": RouteSettings(
+            name="down", path="/down", upstreams=(f"http://127.0.0.1:{closed_port()}",)
+        ),
         "host": RouteSettings(name="host", path="/host", upstreams=(a.url,), preserve_host=True),
-        "noauth": RouteSettings(name="noauth", path="/noauth", upstreams=(a.url,), forward_authorization=False),
+        "noauth": RouteSettings(
+            name="noauth", path="/noauth", upstreams=(a.url,), forward_authorization=False
+        ),
         "based": RouteSettings(name="based", path="/based", upstreams=(a.url + "/base",)),
         "wsr": RouteSettings(name="wsr", path="/wsr", upstreams=(a.url,), websocket=True),
     }
@@ -281,6 +314,7 @@ NO_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 # --- what arrives upstream -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "target",
@@ -310,10 +344,17 @@ async def test_upstream_base_path_is_prepended(env: Env) -> None:
 async def test_headers_upstream_sees(env: Env) -> None:
     headers = CIMultiDict(
         [
-            ("X-User-Id", "forged"), ("x-user-id", "forged2"), ("X_User_Id", "forged3"),
-            ("Connection", "X-Hop-Secret"), ("X-Hop-Secret", "s"), ("X-Forwarded-For", "6.6.6.6"),
-            ("X-Real-IP", "6.6.6.6"), ("Cookie", "gateway_session=tok; theme=dark"),
-            ("Authorization", "Bearer abc"), ("X-Custom", "kept"), ("X-Request-Id", "req-1"),
+            ("X-User-Id", "forged"),
+            ("x-user-id", "forged2"),
+            ("X_User_Id", "forged3"),
+            ("Connection", "X-Hop-Secret"),
+            ("X-Hop-Secret", "s"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Real-IP", "6.6.6.6"),
+            ("Cookie", "gateway_session=tok; theme=dark"),
+            ("Authorization", "Bearer abc"),
+            ("X-Custom", "kept"),
+            ("X-Request-Id", "req-1"),
             ("Proxy-Authorization", "Basic x"),
         ]
     )
@@ -363,14 +404,22 @@ async def test_authorization_withheld_when_route_says_so(env: Env) -> None:
 
 
 async def test_upgrade_on_a_plain_route_is_a_plain_get(env: Env) -> None:
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "x", "Sec-WebSocket-Version": "13"}
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "x",
+        "Sec-WebSocket-Version": "13",
+    }
     async with env.client.get("/api/up", headers=headers) as resp:
         assert resp.status == 200
     seen = env.a.seen[0]
-    assert seen.method == "GET" and seen.headers("Upgrade") == [] and seen.headers("Connection") == []
+    assert (
+        seen.method == "GET" and seen.headers("Upgrade") == [] and seen.headers("Connection") == []
+    )
 
 
 # --- bodies -----------------------------------------------------------------------------------
+
 
 async def chunks(data: bytes, size: int = 256 * 1024) -> AsyncIterator[bytes]:
     for offset in range(0, len(data), size):
@@ -387,9 +436,15 @@ async def test_large_request_body_streamed(env: Env, chunked: bool) -> None:
     assert answer == {"upstream": "a", "len": len(body), "sha": hashlib.sha256(body).hexdigest()}
     seen = env.a.seen[0]
     if chunked:
-        assert seen.headers("Transfer-Encoding") == ["chunked"] and seen.headers("Content-Length") == []
+        assert (
+            seen.headers("Transfer-Encoding") == ["chunked"]
+            and seen.headers("Content-Length") == []
+        )
     else:
-        assert seen.headers("Content-Length") == [str(len(body))] and seen.headers("Transfer-Encoding") == []
+        assert (
+            seen.headers("Content-Length") == [str(len(body))]
+            and seen.headers("Transfer-Encoding") == []
+        )
 
 
 async def test_request_body_reaches_upstream_before_the_client_finishes(env: Env) -> None:
@@ -461,9 +516,15 @@ async def test_response_hop_by_hop_headers_removed(env: Env) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status", "length"),
-    [("HEAD", "/api/head", 200, "11"), ("GET", "/api/status/204", 204, None), ("GET", "/api/status/304", 304, None)],
+    [
+        ("HEAD", "/api/head", 200, "11"),
+        ("GET", "/api/status/204", 204, None),
+        ("GET", "/api/status/304", 304, None),
+    ],
 )
-async def test_responses_without_body(env: Env, method: str, path: str, status: int, length: str | None) -> None:
+async def test_responses_without_body(
+    env: Env, method: str, path: str, status: int, length: str | None
+) -> None:
     async with env.client.request(method, path) as resp:
         assert resp.status == status
         assert await resp.read() == b""
@@ -476,6 +537,7 @@ async def test_responses_without_body(env: Env, method: str, path: str, status: 
 
 
 # --- balancing, failures, time -----------------------------------------------------------------
+
 
 async def test_round_robin_over_upstreams(env: Env) -> None:
     names = []
@@ -538,9 +600,12 @@ async def test_forward_before_start_is_an_error() -> None:
 
 # --- websockets --------------------------------------------------------------------------------
 
+
 async def test_websocket_echo_text_binary_and_client_close(env: Env) -> None:
     headers = {"X-User-Id": "forged", "Cookie": "gateway_session=t; a=1"}
-    async with env.client.ws_connect("/wsr/ws?room=1", protocols=("chat",), headers=headers) as sock:
+    async with env.client.ws_connect(
+        "/wsr/ws?room=1", protocols=("chat",), headers=headers
+    ) as sock:
         assert sock.protocol == "chat"
         await sock.send_str("hello ☃")
         assert await sock.receive_str(timeout=2) == "hello ☃"
@@ -579,7 +644,12 @@ async def test_websocket_upstream_down_is_502(
     forwarder = Forwarder(max_body_size=MAX_BODY)
     await forwarder.start()
     try:
-        route = RouteSettings(name="wsr", path="/wsr", upstreams=(f"http://127.0.0.1:{closed_port()}",), websocket=True)
+        route = RouteSettings(
+            name="wsr",
+            path="/wsr",
+            upstreams=(f"http://127.0.0.1:{closed_port()}",),
+            websocket=True,
+        )
         client = await aiohttp_client(gateway_app(forwarder, {"wsr": route}))
         with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
             await client.ws_connect("/wsr/x")

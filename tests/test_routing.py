@@ -431,6 +431,8 @@ def test_route_of_policy_is_route_of_forwarded_path(raw: str) -> None:
         built = upstream_url("http://127.0.0.1:9/base", upstream, "")
         assert built.raw_path == "/base" + upstream
         prefix = found.route.path.rstrip("/")
-        assert upstream == prefix or upstream.startswith(prefix + "/") or (
-            upstream.startswith(prefix + ";")
+        assert (
+            upstream == prefix
+            or upstream.startswith(prefix + "/")
+            or (upstream.startswith(prefix + ";"))
         )

@@ -153,8 +153,14 @@ def make_ctx(tmp_path: Path, algorithm: str = "RS256") -> Ctx:
 def ctx_for(settings: TokenSettings, ring: KeyRing) -> Ctx:
     clock = Clock()
     kid = ring.keys()[-1].kid
-    return Ctx(settings, ring, TokenService(settings, ring, clock=clock), clock, kid,
-               private_key_of(ring, settings, kid))
+    return Ctx(
+        settings,
+        ring,
+        TokenService(settings, ring, clock=clock),
+        clock,
+        kid,
+        private_key_of(ring, settings, kid),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -415,9 +421,7 @@ def test_refusal_detail_never_echoes_the_token(ctx: Ctx) -> None:
 Rings = dict[str, tuple[TokenSettings, KeyRing]]
 
 
-@pytest.mark.parametrize(
-    ("algorithm", "other"), [(a, b) for a in ALL for b in ALL if a != b]
-)
+@pytest.mark.parametrize(("algorithm", "other"), [(a, b) for a in ALL for b in ALL if a != b])
 def test_other_algorithms_keys_do_not_verify(
     shared_rings: Rings, algorithm: str, other: str
 ) -> None:
@@ -484,8 +488,7 @@ def test_zero_leeway(tmp_path: Path) -> None:
     ring = KeyRing.load(settings)
     clock = Clock()
     service = TokenService(settings, ring, clock=clock)
-    token, _ = service.issue_access_token(user_id="u", email="a@example.com", name=None,
-                                          roles=())
+    token, _ = service.issue_access_token(user_id="u", email="a@example.com", name=None, roles=())
     clock.now += 899.5
     service.verify(token)
     clock.now += 0.5
@@ -775,7 +778,11 @@ def test_jwks_verifies_our_tokens(shared_rings: Rings, algorithm: str) -> None:
     )
     [jwk] = ctx.ring.jwks()["keys"]
     claims = jwt.decode(
-        token, jwt.PyJWK(jwk), algorithms=[algorithm], audience=AUDIENCE, issuer=ISSUER,
+        token,
+        jwt.PyJWK(jwk),
+        algorithms=[algorithm],
+        audience=AUDIENCE,
+        issuer=ISSUER,
         options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
     )
     assert claims["sub"] == "u"

@@ -161,8 +161,9 @@ def launch_gateway(
     config = workdir / "gateway.yaml"
     config.write_text(text)
     proc = start_process(["serve", "-c", str(config)], workdir, workdir / "gateway.log")
-    gw = Gateway(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", workdir, config,
-                 proc)
+    gw = Gateway(
+        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", workdir, config, proc
+    )
     try:
         wait_until_up(gw.url + "/healthz", proc)
     except RuntimeError:

@@ -15,7 +15,8 @@ async def test_register_returns_the_account(gateway: Gateway) -> None:
     email = unique_email()
     async with aiohttp.ClientSession() as s:
         status, body, resp = await post_json(
-            s, f"{gateway.url}/auth/register",
+            s,
+            f"{gateway.url}/auth/register",
             {"email": f"  {email.upper()} ", "password": PASSWORD, "name": "Ada"},
         )
     assert status == 201
@@ -61,12 +62,18 @@ async def test_register_same_email_in_another_case_is_409(gateway: Gateway) -> N
 
 async def test_json_endpoints_need_json(gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{gateway.url}/auth/login", data="email=a&password=b",
-                          headers={"Content-Type": "text/plain"}) as resp:
+        async with s.post(
+            f"{gateway.url}/auth/login",
+            data="email=a&password=b",
+            headers={"Content-Type": "text/plain"},
+        ) as resp:
             assert resp.status == 415
             assert resp.content_type == PROBLEM
-        async with s.post(f"{gateway.url}/auth/login", data=b"{not json",
-                          headers={"Content-Type": "application/json"}) as resp:
+        async with s.post(
+            f"{gateway.url}/auth/login",
+            data=b"{not json",
+            headers={"Content-Type": "application/json"},
+        ) as resp:
             assert resp.status == 400
 
 
@@ -107,8 +114,9 @@ async def test_profile_with_bearer_and_without(gateway: Gateway) -> None:
         async with s.get(f"{gateway.url}/auth/profile") as resp:
             assert resp.status == 401
             assert resp.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
-        async with s.get(f"{gateway.url}/auth/profile",
-                         headers={"Authorization": "Bearer nope.nope.nope"}) as resp:
+        async with s.get(
+            f"{gateway.url}/auth/profile", headers={"Authorization": "Bearer nope.nope.nope"}
+        ) as resp:
             assert resp.status == 401
             assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
             assert "nope" not in await resp.text()
@@ -135,8 +143,9 @@ async def test_logout_ends_the_session_and_is_idempotent(gateway: Gateway) -> No
         body = {"refresh_token": account.refresh_token}
         assert (await post_json(s, f"{gateway.url}/auth/logout", body))[0] == 204
         assert (await post_json(s, f"{gateway.url}/auth/logout", body))[0] == 204
-        assert (await post_json(s, f"{gateway.url}/auth/logout",
-                                {"refresh_token": "unknown"}))[0] == 204
+        assert (await post_json(s, f"{gateway.url}/auth/logout", {"refresh_token": "unknown"}))[
+            0
+        ] == 204
         assert (await post_json(s, f"{gateway.url}/auth/refresh", body))[0] == 401
 
 
@@ -152,8 +161,9 @@ async def test_logout_all_needs_a_bearer_and_ends_every_session(gateway: Gateway
         )
         assert status == 204
         for token in (account.refresh_token, second["refresh_token"]):
-            assert (await post_json(s, f"{gateway.url}/auth/refresh",
-                                    {"refresh_token": token}))[0] == 401
+            assert (await post_json(s, f"{gateway.url}/auth/refresh", {"refresh_token": token}))[
+                0
+            ] == 401
 
 
 async def test_password_change(gateway: Gateway) -> None:
@@ -161,21 +171,29 @@ async def test_password_change(gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as s:
         account = await signed_in(s, gateway.url)
         new = "another long passphrase"
-        wrong = await post_json(s, url, {"current_password": "wrong wrong",
-                                         "new_password": new}, headers=account.bearer)
+        wrong = await post_json(
+            s, url, {"current_password": "wrong wrong", "new_password": new}, headers=account.bearer
+        )
         assert wrong[0] == 400
-        assert (await post_json(s, url, {"current_password": PASSWORD,
-                                         "new_password": new}))[0] == 401
-        ok = await post_json(s, url, {"current_password": PASSWORD, "new_password": new},
-                             headers=account.bearer)
+        assert (await post_json(s, url, {"current_password": PASSWORD, "new_password": new}))[
+            0
+        ] == 401
+        ok = await post_json(
+            s, url, {"current_password": PASSWORD, "new_password": new}, headers=account.bearer
+        )
         assert ok[0] == 204
-        assert (await post_json(s, f"{gateway.url}/auth/refresh",
-                                {"refresh_token": account.refresh_token}))[0] == 401
-        old = await post_json(s, f"{gateway.url}/auth/login",
-                              {"email": account.email, "password": PASSWORD})
+        assert (
+            await post_json(
+                s, f"{gateway.url}/auth/refresh", {"refresh_token": account.refresh_token}
+            )
+        )[0] == 401
+        old = await post_json(
+            s, f"{gateway.url}/auth/login", {"email": account.email, "password": PASSWORD}
+        )
         assert old[0] == 401
-        fresh = await post_json(s, f"{gateway.url}/auth/login",
-                                {"email": account.email, "password": new})
+        fresh = await post_json(
+            s, f"{gateway.url}/auth/login", {"email": account.email, "password": new}
+        )
         assert fresh[0] == 200
 
 
@@ -214,18 +232,21 @@ async def test_metrics_live_on_the_admin_listener_only(gateway: Gateway) -> None
 
 async def test_own_endpoint_with_wrong_method_is_405(gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as s:
-        async with s.get(f"{gateway.url}/auth/login", headers={"Accept": "application/json"}) \
-                as resp:
+        async with s.get(
+            f"{gateway.url}/auth/login", headers={"Accept": "application/json"}
+        ) as resp:
             assert resp.status == 405
             assert resp.headers["Allow"] == "POST"
 
 
 async def test_closed_registration_and_rate_limits(fresh_gateway) -> None:
-    gw = fresh_gateway(extra="""
+    gw = fresh_gateway(
+        extra="""
         accounts:
           bcrypt_rounds: 4
           registration: closed
-        """)
+        """
+    )
     async with aiohttp.ClientSession() as s:
         status, body, _ = await post_json(
             s, f"{gw.url}/auth/register", {"email": unique_email(), "password": PASSWORD}
@@ -234,11 +255,13 @@ async def test_closed_registration_and_rate_limits(fresh_gateway) -> None:
 
 
 async def test_register_rate_limit_gives_retry_after(fresh_gateway) -> None:
-    gw = fresh_gateway(extra="""
+    gw = fresh_gateway(
+        extra="""
         accounts:
           bcrypt_rounds: 4
           register_rate_limit: 2/min
-        """)
+        """
+    )
     async with aiohttp.ClientSession() as s:
         statuses = []
         for _ in range(3):
@@ -251,11 +274,13 @@ async def test_register_rate_limit_gives_retry_after(fresh_gateway) -> None:
 
 
 async def test_failed_logins_lock_the_account_and_the_ip(fresh_gateway) -> None:
-    gw = fresh_gateway(extra="""
+    gw = fresh_gateway(
+        extra="""
         accounts:
           bcrypt_rounds: 4
           login_rate_limit: 3/min
-        """)
+        """
+    )
     async with aiohttp.ClientSession() as s:
         account = await signed_in(s, gw.url)
         statuses = []

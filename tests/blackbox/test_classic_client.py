@@ -23,11 +23,14 @@ cors:
 
 
 async def preflight(s: aiohttp.ClientSession, url: str, method: str, headers: str) -> None:
-    async with s.options(url, headers={
-        "Origin": ORIGIN,
-        "Access-Control-Request-Method": method,
-        "Access-Control-Request-Headers": headers,
-    }) as resp:
+    async with s.options(
+        url,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": headers,
+        },
+    ) as resp:
         assert resp.status == 204, await resp.text()
         assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
         assert method in resp.headers["Access-Control-Allow-Methods"]
@@ -40,23 +43,26 @@ async def test_classic_register_login_profile(fresh_gateway) -> None:
     cors = {"Origin": ORIGIN}
     async with aiohttp.ClientSession() as s:
         await preflight(s, f"{gw.url}/register", "POST", "content-type")
-        async with s.post(f"{gw.url}/register", json={"email": email, "password": PASSWORD},
-                          headers=cors) as resp:
+        async with s.post(
+            f"{gw.url}/register", json={"email": email, "password": PASSWORD}, headers=cors
+        ) as resp:
             assert resp.status == 201
             assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
             assert "Origin" in resp.headers.getall("Vary")
 
         await preflight(s, f"{gw.url}/login", "POST", "content-type")
-        async with s.post(f"{gw.url}/login", json={"email": email, "password": PASSWORD},
-                          headers=cors) as resp:
+        async with s.post(
+            f"{gw.url}/login", json={"email": email, "password": PASSWORD}, headers=cors
+        ) as resp:
             body = await resp.json()
             assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
         assert body["auth"] is True
         token = body["token"]
 
         await preflight(s, f"{gw.url}/profile", "GET", "authorization")
-        async with s.get(f"{gw.url}/profile",
-                         headers={**cors, "Authorization": f"Bearer {token}"}) as resp:
+        async with s.get(
+            f"{gw.url}/profile", headers={**cors, "Authorization": f"Bearer {token}"}
+        ) as resp:
             assert resp.status == 200
             assert (await resp.json())["email"] == email
             assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
@@ -65,11 +71,18 @@ async def test_classic_register_login_profile(fresh_gateway) -> None:
 async def test_other_origins_get_no_cors_grant(fresh_gateway) -> None:
     gw = fresh_gateway(extra=CLASSIC, routes=ROUTES)
     async with aiohttp.ClientSession() as s:
-        async with s.options(f"{gw.url}/login", headers={
-            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
-        }) as resp:
+        async with s.options(
+            f"{gw.url}/login",
+            headers={
+                "Origin": "http://evil.example",
+                "Access-Control-Request-Method": "POST",
+            },
+        ) as resp:
             assert "Access-Control-Allow-Origin" not in resp.headers
-        async with s.post(f"{gw.url}/login", json={"email": "a@example.com", "password": "x"},
-                          headers={"Origin": "http://evil.example"}) as resp:
+        async with s.post(
+            f"{gw.url}/login",
+            json={"email": "a@example.com", "password": "x"},
+            headers={"Origin": "http://evil.example"},
+        ) as resp:
             assert "Access-Control-Allow-Origin" not in resp.headers
             assert "Origin" in resp.headers.getall("Vary")

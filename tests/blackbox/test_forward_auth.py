@@ -11,8 +11,7 @@ from tests.blackbox.conftest import Gateway
 
 
 def traefik(method: str, uri: str) -> dict[str, str]:
-    return {"X-Forwarded-Method": method, "X-Forwarded-Host": "127.0.0.1",
-            "X-Forwarded-Uri": uri}
+    return {"X-Forwarded-Method": method, "X-Forwarded-Host": "127.0.0.1", "X-Forwarded-Uri": uri}
 
 
 def nginx(method: str, uri: str) -> dict[str, str]:
@@ -76,11 +75,13 @@ async def test_verify_without_a_target_requires_a_valid_token(gateway: Gateway) 
 
 async def test_hs256_gateway_from_an_environment_secret(fresh_gateway, monkeypatch) -> None:
     monkeypatch.setenv("GATEWAY_SECRET", "s" * 40)
-    gw = fresh_gateway(extra="""
+    gw = fresh_gateway(
+        extra="""
         tokens:
           algorithm: HS256
           secret: ${GATEWAY_SECRET}
-        """)
+        """
+    )
     async with aiohttp.ClientSession() as s:
         account = await signed_in(s, gw.url)
         async with s.get(f"{gw.url}/api/x", headers=account.bearer) as resp:

@@ -77,8 +77,7 @@ async def test_required_route_refuses_missing_and_bad_tokens(gateway: Gateway) -
             assert resp.status == 401
             assert resp.content_type == "application/problem+json"
             assert resp.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
-        async with s.get(f"{gateway.url}/api/x", headers={"Authorization": "Bearer a.b.c"}) \
-                as resp:
+        async with s.get(f"{gateway.url}/api/x", headers={"Authorization": "Bearer a.b.c"}) as resp:
             assert resp.status == 401
             assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
 
@@ -94,8 +93,15 @@ async def test_missing_role_is_403_insufficient_scope(gateway: Gateway) -> None:
 async def test_hop_by_hop_and_connection_named_headers_are_removed(gateway: Gateway) -> None:
     resp = await raw_request(
         gateway.url,
-        get("/public/x", "Connection: X-Secret, keep-alive", "X-Secret: s", "Keep-Alive: 5",
-            "Proxy-Authorization: Basic Zm9v", "TE: trailers", "X-Kept: yes"),
+        get(
+            "/public/x",
+            "Connection: X-Secret, keep-alive",
+            "X-Secret: s",
+            "Keep-Alive: 5",
+            "Proxy-Authorization: Basic Zm9v",
+            "TE: trailers",
+            "X-Kept: yes",
+        ),
     )
     echo = resp.json()
     names = {k.lower() for k, _ in echo["headers"]}
@@ -106,9 +112,16 @@ async def test_hop_by_hop_and_connection_named_headers_are_removed(gateway: Gate
 async def test_untrusted_forwarding_headers_are_replaced(gateway: Gateway) -> None:
     resp = await raw_request(
         gateway.url,
-        get("/public/x", "X-Forwarded-For: 6.6.6.6", "Forwarded: for=6.6.6.6",
-            "X-Forwarded-Proto: https", "X-Forwarded-Host: evil.example",
-            "X-Real-IP: 6.6.6.6", "X-Original-URL: /admin", "X-Rewrite-URL: /admin"),
+        get(
+            "/public/x",
+            "X-Forwarded-For: 6.6.6.6",
+            "Forwarded: for=6.6.6.6",
+            "X-Forwarded-Proto: https",
+            "X-Forwarded-Host: evil.example",
+            "X-Real-IP: 6.6.6.6",
+            "X-Original-URL: /admin",
+            "X-Rewrite-URL: /admin",
+        ),
     )
     echo = resp.json()
     assert received(echo, "X-Forwarded-For") == ["127.0.0.1"]
@@ -129,10 +142,17 @@ async def test_gateway_cookies_never_reach_the_upstream(gateway: Gateway) -> Non
 
 @pytest.mark.parametrize(
     ("sent", "kept"),
-    [("abc-123_x.y", True), ("a" * 128, True), ("a" * 129, False), ("bad id", False),
-     ("x<script>", False)],
+    [
+        ("abc-123_x.y", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("bad id", False),
+        ("x<script>", False),
+    ],
 )
-async def test_request_id_kept_when_sane_and_echoed(gateway: Gateway, sent: str, kept: bool) -> None:
+async def test_request_id_kept_when_sane_and_echoed(
+    gateway: Gateway, sent: str, kept: bool
+) -> None:
     resp = await raw_request(gateway.url, get("/public/x", f"X-Request-Id: {sent}"))
     upstream_ids = received(resp.json(), "X-Request-Id")
     assert len(upstream_ids) == 1
@@ -168,8 +188,9 @@ async def test_post_body_reaches_upstream_unchanged(gateway: Gateway) -> None:
     body = bytes(range(256)).decode("latin-1") * 100
     async with aiohttp.ClientSession() as s:
         account = await signed_in(s, gateway.url)
-        async with s.post(f"{gateway.url}/api/upload", data=body.encode("utf-8"),
-                          headers=account.bearer) as resp:
+        async with s.post(
+            f"{gateway.url}/api/upload", data=body.encode("utf-8"), headers=account.bearer
+        ) as resp:
             echo = await resp.json()
     assert echo["method"] == "POST"
     assert echo["body"] == body

@@ -34,9 +34,18 @@ async def test_dot_segments_out_of_a_public_route_get_the_admin_policy(
 
 @pytest.mark.parametrize(
     "path",
-    ["/admin%2fx", "/admin%2Fx", "/public%2f..%2fadmin", "/public/..%2fadmin",
-     "/public/%2e%2e%2fadmin", "/public\\..\\admin", "/public/%5c../admin", "/public/%00/x",
-     "/public/..;x/admin", "/public/.;/admin"],
+    [
+        "/admin%2fx",
+        "/admin%2Fx",
+        "/public%2f..%2fadmin",
+        "/public/..%2fadmin",
+        "/public/%2e%2e%2fadmin",
+        "/public\\..\\admin",
+        "/public/%5c../admin",
+        "/public/%00/x",
+        "/public/..;x/admin",
+        "/public/.;/admin",
+    ],
 )
 async def test_ambiguous_paths_are_refused(gateway: Gateway, path: str) -> None:
     resp = await raw_request(gateway.url, get(path))
