@@ -14,7 +14,6 @@ import difflib
 import ipaddress
 import os
 import re
-import string
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
-from gateway.errors import ConfigError, ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem, InvalidPath
+from gateway.paths import canonical_path
 
 __all__ = [
     "AdminSettings",
@@ -582,8 +582,6 @@ _GLOB = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\[\]?-]+")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
 _ROLE_FORBIDDEN = re.compile(r"[\s,\x00-\x1f\x7f]")
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
-_PCHAR = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 # Headers the gateway itself manages: an identity header by one of these names would
 # either be stripped from every request or overwrite what the gateway sends.
 _RESERVED_HEADERS = frozenset(
@@ -806,7 +804,7 @@ def _database_url(value: object) -> str:
 
 
 def _route_path(value: object, *, what: str = "a path starting with '/'") -> str:
-    """A route path in the form ``routing.canonical_path`` produces, trailing '/' removed.
+    """A route path in the form ``paths.canonical_path`` produces, trailing '/' removed.
 
     Refuses rather than rewrites anything else: a route written ``/a/../b`` or ``/%61pi``
     means the operator expects a match that would never happen.
@@ -815,42 +813,13 @@ def _route_path(value: object, *, what: str = "a path starting with '/'") -> str
     if not text.startswith("/"):
         raise _Bad(f"must start with '/': {text!r}")
     path = text[:-1] if len(text) > 1 and text.endswith("/") else text
-    if "//" in path:
-        raise _Bad(f"must not contain '//': {text!r}")
-    canonical = "/".join(_canonical_segment(seg, text) for seg in path.split("/"))
+    try:
+        canonical = canonical_path(path)
+    except InvalidPath as err:
+        raise _Bad(f"{err.detail.rstrip('.')}: {text!r}") from None
     if canonical != path:
         raise _Bad(f"not in canonical form: {text!r} (write {canonical!r})")
     return path
-
-
-def _canonical_segment(segment: str, text: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(segment):
-        char = segment[i]
-        if char == "%":
-            escape = segment[i + 1 : i + 3]
-            if len(escape) != 2 or not all(c in string.hexdigits for c in escape):
-                raise _Bad(f"bad percent-escape in {text!r}")
-            out.append(_canonical_escape(int(escape, 16), text))
-            i += 3
-            continue
-        if char == "\\" or ord(char) < 0x21 or ord(char) == 0x7F or char in "?#":
-            raise _Bad(f"must not contain {char!r}: {text!r}")
-        out.append(char if char in _PCHAR else urllib.parse.quote(char, safe=""))
-        i += 1
-    result = "".join(out)
-    if result.split(";", 1)[0] in (".", ".."):
-        raise _Bad(f"must not contain a dot segment: {text!r}")
-    return result
-
-
-def _canonical_escape(byte: int, text: str) -> str:
-    if byte in (0x2F, 0x5C):
-        raise _Bad(f"must not contain an encoded '/' or '\\': {text!r}")
-    if byte == 0:
-        raise _Bad(f"must not contain an encoded NUL: {text!r}")
-    return chr(byte) if chr(byte) in _UNRESERVED else f"%{byte:02X}"
 
 
 def _prefix(value: object) -> str:
