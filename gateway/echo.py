@@ -11,7 +11,7 @@ from aiohttp import web
 
 async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
-    return web.json_response(
+    response = web.json_response(
         {
             "method": request.method,
             "path": request.raw_path.split("?", 1)[0],
@@ -20,6 +20,9 @@ async def _echo(request: web.Request) -> web.Response:
             "body": body.decode("utf-8", errors="replace"),
         }
     )
+    # Tells an answer of the echo from one the gateway wrote itself.
+    response.headers["X-Upstream"] = "echo"
+    return response
 
 
 def create_echo_app() -> web.Application:

@@ -15,7 +15,7 @@ never hold a token, SQL, a file path or key material.
     ├── UnsupportedMediaType (415)
     ├── TooManyRequests (429)
     ├── BadGateway (502)
-    ├── ServiceUnavailable (503)
+    ├── ServiceUnavailable (503) ── Overloaded
     └── GatewayTimeout (504)
 
 ``ConfigError`` is separate: it is an operator's mistake, reported by the CLI, never over HTTP.
@@ -132,6 +132,16 @@ class BadGateway(GatewayError):
 
 class ServiceUnavailable(GatewayError):
     status, code, title = 503, "service_unavailable", "Service Unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    """More work queued than the gateway will hold; the client should retry shortly."""
+
+    code, title = "overloaded", "Overloaded"
+
+    def __init__(self, retry_after: int, detail: str | None = None) -> None:
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(detail)
 
 
 class GatewayTimeout(GatewayError):

@@ -17,6 +17,7 @@ from gateway.config import CorsSettings
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
+    Overloaded,
     PayloadTooLarge,
     TooManyRequests,
     UnsupportedMediaType,
@@ -47,7 +48,7 @@ def problem_response(err: GatewayError) -> web.Response:
         headers["WWW-Authenticate"] = f'{REALM}, error="{bearer_error}"'
     if isinstance(err, MethodNotAllowed):
         headers["Allow"] = ", ".join(err.allowed)
-    if isinstance(err, TooManyRequests):
+    if isinstance(err, TooManyRequests | Overloaded):
         headers["Retry-After"] = str(err.retry_after)
     return web.Response(
         status=err.status,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -10,8 +11,8 @@ from collections.abc import AsyncIterator
 import bcrypt
 import pytest
 
-from gateway.errors import InvalidInput
-from gateway.passwords import PasswordHasher, check_policy
+from gateway.errors import InvalidInput, Overloaded
+from gateway.passwords import BCRYPT_NICENESS, PasswordHasher, check_policy
 
 
 @pytest.fixture
@@ -218,3 +219,30 @@ async def test_close_stops_the_pool() -> None:
     h.close()
     with pytest.raises(RuntimeError):
         await h.hash("password")
+
+
+async def test_bcrypt_threads_yield_the_cpu_to_the_event_loop() -> None:
+    hasher = PasswordHasher(4, max_workers=1)
+    try:
+        loop = asyncio.get_running_loop()
+
+        def niceness() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        in_pool = await loop.run_in_executor(hasher._executor, niceness)
+        assert in_pool == niceness() + BCRYPT_NICENESS
+    finally:
+        hasher.close()
+
+
+async def test_a_full_queue_answers_overloaded_instead_of_waiting() -> None:
+    hasher = PasswordHasher(10, max_workers=1, max_pending=2)
+    try:
+        results = await asyncio.gather(
+            *(hasher.verify("password1", None) for _ in range(5)), return_exceptions=True
+        )
+    finally:
+        hasher.close()
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert len(refused) == 3 and refused[0].retry_after >= 1
+    assert results[:2] == [False, False]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,23 @@ import aiohttp
 import yarl
 
 PASSWORD = "correct horse battery"
+
+# What must never appear in a body the gateway itself wrote (CONTRACT §7): tracebacks, file
+# paths, SQL, key material. Upstream answers (marked ``X-Upstream``) echo what the test sent.
+LEAKS = re.compile(
+    r"Traceback \(most recent call last\)|File \"/|\.py\", line \d"
+    r"|/(?:home|root|tmp|usr|etc|var|srv|work)/[\w./-]+"
+    r"|[\w/-]+\.(?:py|pem|db|sqlite3?|yaml)\b"
+    r"|\b(?:SELECT|INSERT INTO|DELETE FROM|UPDATE \w+ SET|CREATE TABLE)\b"
+    r"|sqlite3|aiosqlite|asyncpg|OperationalError|IntegrityError|ProgrammingError"
+    r"|PRIVATE KEY|BEGIN [A-Z ]+-----|\"(?:d|p|q|dp|dq|qi|k)\"\s*:"
+)
+
+
+def assert_no_leak(body: bytes, where: str) -> None:
+    text = body.decode("utf-8", errors="replace")
+    found = LEAKS.search(text)
+    assert found is None, f"{where}: response body leaks {found.group(0)!r}: {text[:300]!r}"
 
 
 def unique_email(tag: str = "user") -> str:
@@ -104,6 +122,8 @@ async def raw_request(base: str, request: bytes, timeout: float = 10.0) -> RawRe
     headers = [tuple(line.split(": ", 1)) for line in lines[1:] if ": " in line]
     if any(k.lower() == "transfer-encoding" for k, _ in headers):
         body = dechunk(body)
+    if not any(k.lower() == "x-upstream" for k, _ in headers):
+        assert_no_leak(body, lines[0])
     return RawResponse(status, headers, body)  # type: ignore[arg-type]
 
 

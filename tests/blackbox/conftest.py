@@ -18,8 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
+
+from tests.blackbox.client import assert_no_leak
+
+
+@pytest.fixture(autouse=True)
+def no_leaks_in_any_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every body the gateway writes, read by any test here, is checked for leaks (§7)."""
+    original = aiohttp.ClientResponse.read
+
+    async def read_and_check(self: aiohttp.ClientResponse) -> bytes:
+        body = await original(self)
+        if "X-Upstream" not in self.headers:
+            assert_no_leak(body, f"{self.method} {self.url}")
+        return body
+
+    monkeypatch.setattr(aiohttp.ClientResponse, "read", read_and_check)
 
 
 def free_port() -> int:
