@@ -25,10 +25,12 @@ def bearer_token(authorization: list[str]) -> str | None:
         return None
     if len(authorization) > 1:
         raise InvalidToken("malformed", "Exactly one Authorization header is allowed.")
-    scheme, _, token = authorization[0].strip().partition(" ")
-    if scheme.lower() != "bearer":
+    # The scheme ends at the first run of spaces or tabs (RFC 9110 §11.4 allows either, and
+    # an upstream that splits on any whitespace must not see a token we did not check).
+    parts = authorization[0].strip(" \t").split(None, 1)
+    if not parts or parts[0].lower() != "bearer":
         return None
-    token = token.strip()
+    token = parts[1].strip(" \t") if len(parts) > 1 else ""
     if not token:
         raise InvalidToken("malformed", "The bearer token is empty.")
     return token

@@ -6,6 +6,10 @@ the injected clock with ``leeway``, refuses any ``crit``, accepts ``typ`` absent
 ``at+jwt``, and ignores ``jku``, ``x5u``, ``x5c`` and embedded ``jwk``: a token is only ever
 checked against a key of our own ring, chosen by an exact ``kid`` match (CONTRACT §5).
 
+Every token has exactly one accepted spelling: base64url without padding and with zero
+trailing bits, and for ES256 the low-S signature (ECDSA is malleable: ``(r, n - s)`` verifies
+wherever ``(r, s)`` does). Tokens we issue are low-S; a high-S twin is refused.
+
 Private keys live in ``keys_dir`` as unencrypted PKCS#8 PEM files named ``<kid>.pem``,
 mode 0600, written atomically; each is parsed once, at load. This is the only module that
 imports ``jwt``.
@@ -62,6 +66,9 @@ _KID_ALPHABET = string.ascii_lowercase + string.digits  # safe on case-insensiti
 # RFC 9068 §4 and RFC 7515 §4.1.9: "application/" may be omitted from a typ media type.
 _ACCEPTED_TYP = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
 _REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
+# Order n of P-256 (SEC 2 §2.4.2): an ES256 signature is r || s, each 32 bytes big-endian.
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P256_BYTES = 32
 
 
 class KeyRingError(Exception):
@@ -409,11 +416,16 @@ class TokenService:
         if name is not None:
             claims["name"] = name
         headers = {"kid": kid, "typ": "JWT"}
-        return jwt.encode(claims, key, algorithm=self._algorithm, headers=headers), self._ttl
+        token = jwt.encode(claims, key, algorithm=self._algorithm, headers=headers)
+        if self._algorithm == "ES256":
+            token = _with_low_s(token)
+        return token, self._ttl
 
     def verify(self, token: str) -> Identity:
         """Raise ``InvalidToken(reason)`` for anything not a valid access token of ours."""
         key = self._key_for(_unverified_header(token))
+        if self._algorithm == "ES256" and _has_high_s(token):
+            raise InvalidToken("signature")  # the malleable twin of a token we issued low-S
         claims = self._decode(token, key)
         self._check_times(claims)
         return identity_from_claims(claims, issuer=self._settings.issuer)
@@ -477,6 +489,33 @@ def _unverified_header(token: object) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise InvalidToken("malformed")
     return header
+
+
+def _signature_bytes(token: str) -> bytes | None:
+    segment = token.rpartition(".")[2]
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        return None  # PyJWT refuses it as malformed; not ours to classify here
+
+
+def _has_high_s(token: str) -> bool:
+    """Whether an ES256 signature's ``s`` is above n/2 (a wrong length fails verification)."""
+    signature = _signature_bytes(token)
+    if signature is None or len(signature) != 2 * _P256_BYTES:
+        return False
+    return int.from_bytes(signature[_P256_BYTES:], "big") > _P256_ORDER // 2
+
+
+def _with_low_s(token: str) -> str:
+    """``token`` with its ES256 signature ``(r, s)`` replaced by ``(r, n - s)`` if s > n/2."""
+    if not _has_high_s(token):
+        return token
+    signature = _signature_bytes(token) or b""
+    s = _P256_ORDER - int.from_bytes(signature[_P256_BYTES:], "big")
+    low = signature[:_P256_BYTES] + s.to_bytes(_P256_BYTES, "big")
+    encoded = base64.urlsafe_b64encode(low).rstrip(b"=").decode("ascii")
+    return f"{token.rpartition('.')[0]}.{encoded}"
 
 
 def _timestamp(claims: dict[str, Any], name: str) -> float | None:

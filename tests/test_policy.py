@@ -30,6 +30,7 @@ def route(auth: str, roles: tuple[str, ...] = ()) -> RouteSettings:
         ([], None),
         (["Bearer abc"], "abc"),
         (["bearer   abc  "], "abc"),
+        (["Bearer\tabc"], "abc"),  # a tab separates the scheme too (RFC 9110 §11.4)
         (["Basic dXNlcjpwYXNz"], None),  # meant for the upstream, not a credential of ours
         (["Digest x"], None),
     ],
@@ -38,7 +39,9 @@ def test_bearer_token(headers: list[str], token: str | None) -> None:
     assert bearer_token(headers) == token
 
 
-@pytest.mark.parametrize("headers", [["Bearer"], ["Bearer   "], ["Bearer a", "Bearer b"]])
+@pytest.mark.parametrize(
+    "headers", [["Bearer"], ["Bearer   "], ["Bearer\t"], ["Bearer a", "Bearer b"]]
+)
 def test_malformed_bearer_is_an_invalid_token(headers: list[str]) -> None:
     with pytest.raises(InvalidToken):
         bearer_token(headers)

@@ -24,7 +24,7 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
@@ -76,7 +76,28 @@ def forge(header: dict[str, Any], claims: Any, key: Any, alg: str | None = None)
         return signing_input + "."
     algorithm = get_default_algorithms()[alg]
     signature = algorithm.sign(signing_input.encode(), algorithm.prepare_key(key))
+    if alg == "ES256":
+        signature = low_s(signature)
     return f"{signing_input}.{b64(signature)}"
+
+
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def low_s(signature: bytes) -> bytes:
+    """The canonical twin of a raw ES256 signature (the only one the gateway accepts)."""
+    s = int.from_bytes(signature[32:], "big")
+    return signature if s <= P256_ORDER // 2 else twin_s(signature)
+
+
+def twin_s(signature: bytes) -> bytes:
+    """``(r, n - s)``: verifies wherever ``(r, s)`` does (ECDSA malleability)."""
+    s = int.from_bytes(signature[32:], "big")
+    return signature[:32] + (P256_ORDER - s).to_bytes(32, "big")
+
+
+def unb64(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 def private_key_of(ring: KeyRing, settings: TokenSettings, kid: str) -> Any:
@@ -238,9 +259,11 @@ def test_issued_header_and_claims(any_ctx: Ctx) -> None:
 
 
 def test_each_token_has_its_own_jti(ctx: Ctx) -> None:
-    issue = lambda: ctx.service.issue_access_token(  # noqa: E731
-        user_id="u", email="a@example.com", name=None, roles=()
-    )[0]
+    def issue() -> str:
+        return ctx.service.issue_access_token(
+            user_id="u", email="a@example.com", name=None, roles=()
+        )[0]
+
     jtis = {jwt.decode(issue(), options={"verify_signature": False})["jti"] for _ in range(5)}
     assert len(jtis) == 5
 
@@ -278,9 +301,10 @@ def test_remote_key_headers_are_ignored(ctx: Ctx, extra: dict[str, Any]) -> None
 
 
 def _public_pem(ctx: Ctx) -> bytes:
-    return ctx.key.public_key().public_bytes(
+    pem: bytes = ctx.key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return pem
 
 
 def _hs256_with_public_pem(ctx: Ctx) -> str:
@@ -400,6 +424,8 @@ def _raw(ctx: Ctx, payload: bytes) -> str:
     signing_input = f"{b64(json.dumps(ctx.header()).encode())}.{b64(payload)}"
     algorithm = get_default_algorithms()[ctx.settings.algorithm]
     signature = algorithm.sign(signing_input.encode(), algorithm.prepare_key(ctx.key))
+    if ctx.settings.algorithm == "ES256":
+        signature = low_s(signature)
     return f"{signing_input}.{b64(signature)}"
 
 
@@ -449,6 +475,63 @@ def test_another_ring_same_algorithm_is_refused(
 def test_hs256_wrong_secret_is_refused(shared_rings: Rings) -> None:
     ctx = ctx_for(*shared_rings["HS256"])
     assert ctx.reason(ctx.sign(key=b"another-secret-" + b"y" * 40)) == "signature"
+
+
+# --- ES256 signature malleability ----------------------------------------------------------
+
+
+@pytest.fixture
+def es_ctx(shared_rings: Rings) -> Ctx:
+    return ctx_for(*shared_rings["ES256"])
+
+
+def test_issued_es256_tokens_are_low_s(es_ctx: Ctx) -> None:
+    # OpenSSL returns a high s half the time: 48 tokens all low-S only if we normalise.
+    for _ in range(48):
+        token, _ = es_ctx.service.issue_access_token(
+            user_id="u", email="a@example.com", name=None, roles=()
+        )
+        signature = unb64(token.rsplit(".", 1)[1])
+        assert len(signature) == 64
+        assert int.from_bytes(signature[32:], "big") <= P256_ORDER // 2
+        es_ctx.service.verify(token)
+
+
+def test_es256_high_s_twin_is_refused(es_ctx: Ctx) -> None:
+    for _ in range(8):
+        token, _ = es_ctx.service.issue_access_token(
+            user_id="u", email="a@example.com", name=None, roles=()
+        )
+        signing_input, _, signature = token.rpartition(".")
+        twin = f"{signing_input}.{b64(twin_s(unb64(signature)))}"
+        assert twin != token
+        assert es_ctx.reason(twin) == "signature"
+        es_ctx.service.verify(token)
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        bytes(64),  # r = s = 0: "psychic signatures", CVE-2022-21449
+        P256_ORDER.to_bytes(32, "big") * 2,  # r = s = n, which is 0 mod n
+        bytes(31) + b"\x01" + bytes(31) + b"\x01",  # r = s = 1
+        (P256_ORDER // 2 + 1).to_bytes(32, "big") * 2,  # just high-S
+        b"\xff" * 64,
+        bytes(63),  # one byte short
+        bytes(65),  # one byte long
+    ],
+    ids=["r=s=0", "r=s=n", "r=s=1", "high-S", "all-ones", "63 bytes", "65 bytes"],
+)
+def test_es256_degenerate_signatures_are_refused(es_ctx: Ctx, signature: bytes) -> None:
+    signing_input = es_ctx.sign().rsplit(".", 1)[0]
+    assert es_ctx.reason(f"{signing_input}.{b64(signature)}") == "signature"
+
+
+def test_es256_der_signature_is_refused(es_ctx: Ctx) -> None:
+    # JWS wants raw r || s (RFC 7518 §3.4); the DER form cryptography produces is refused.
+    signing_input = es_ctx.sign().rsplit(".", 1)[0]
+    der = es_ctx.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    assert es_ctx.reason(f"{signing_input}.{b64(der)}") == "signature"
 
 
 # --- clock and leeway --------------------------------------------------------------------
@@ -646,11 +729,12 @@ def test_remove_the_last_key_is_refused(own_ctx: Ctx) -> None:
 
 
 def _pem(key: Any) -> bytes:
-    return key.private_bytes(
+    pem: bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    return pem
 
 
 @pytest.mark.parametrize(
