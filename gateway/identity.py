@@ -24,6 +24,29 @@ MAX_EMAIL_LENGTH = 254  # RFC 5321 §4.5.3.1.3, the longest usable forward-path
 # bidi overrides), separators, lone surrogates, unassigned code points (NFKC is only stable
 # for assigned ones).
 _EMAIL_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn", "Zs", "Zl", "Zp"})
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): rendered as nothing,
+# so "kate\u034f@example.com" would show exactly as "kate@example.com" while being another
+# account. Most are format characters (Cf, refused above); these ranges also hold the
+# combining grapheme joiner, variation selectors and Hangul fillers, which are not.
+_DEFAULT_IGNORABLE: tuple[tuple[int, int], ...] = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
 _MISSING = object()
 
 
@@ -49,7 +72,7 @@ def normalize_email(raw: str) -> tuple[str, str]:
     email = unicodedata.normalize("NFKC", raw.strip())
     if not email or len(email) > MAX_EMAIL_LENGTH:
         raise InvalidInput(f"The email address must be 1 to {MAX_EMAIL_LENGTH} characters.")
-    if any(ch.isspace() or unicodedata.category(ch) in _EMAIL_REFUSED_CATEGORIES for ch in email):
+    if any(_invisible_in_email(ch) for ch in email):
         raise InvalidInput("The email address holds whitespace or invisible characters.")
     local, at, domain = email.partition("@")
     if not at or "@" in domain or not local:
@@ -57,6 +80,15 @@ def normalize_email(raw: str) -> tuple[str, str]:
     if not _valid_domain(domain):
         raise InvalidInput("The email address's domain is not valid.")
     return email, email.casefold()
+
+
+def _invisible_in_email(ch: str) -> bool:
+    """Whitespace, controls, format characters, unassigned code points and anything else
+    that renders as nothing: a character that could make two addresses look identical."""
+    if ch.isspace() or unicodedata.category(ch) in _EMAIL_REFUSED_CATEGORIES:
+        return True
+    code = ord(ch)
+    return any(low <= code <= high for low, high in _DEFAULT_IGNORABLE)
 
 
 def _valid_domain(domain: str) -> bool:

@@ -53,6 +53,56 @@ def test_lookalikes_share_a_key() -> None:
     assert normalize_email("\u0131@x.io")[1] != normalize_email("i@x.io")[1]
 
 
+# Unicode 15.1 DerivedCoreProperties.txt, Default_Ignorable_Code_Point, as published.
+DEFAULT_IGNORABLE = (
+    [0x00AD, 0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFEFF, 0xFFA0]
+    + list(range(0x180B, 0x1810))
+    + list(range(0x200B, 0x2010))
+    + list(range(0x202A, 0x202F))
+    + list(range(0x2060, 0x2070))
+    + list(range(0xFE00, 0xFE10))
+    + list(range(0xFFF0, 0xFFF9))
+    + list(range(0x1BCA0, 0x1BCA4))
+    + list(range(0x1D173, 0x1D17B))
+    + list(range(0xE0000, 0xE1000))
+)
+
+
+@pytest.mark.parametrize("position", ["start", "middle", "before-at", "domain"])
+def test_no_default_ignorable_code_point_is_accepted(position: str) -> None:
+    """Every one of them, wherever it stands: none can make a lookalike of an address."""
+    for code in DEFAULT_IGNORABLE:
+        ch = chr(code)
+        raw = {
+            "start": f"{ch}alice@example.com",
+            "middle": f"al{ch}ice@example.com",
+            "before-at": f"alice{ch}@example.com",
+            "domain": f"alice@exa{ch}mple.com",
+        }[position]
+        with pytest.raises(InvalidInput):
+            normalize_email(raw)
+
+
+def test_the_key_is_a_fixed_point() -> None:
+    """Comparing keys is safe only if a key, typed in as an address, is its own key: for
+    every assigned code point, an address holding the key's form (or the decomposed form)
+    has the same key. Otherwise the folded spelling of an address would be another account."""
+    import sys
+    import unicodedata
+
+    for code in range(sys.maxunicode + 1):
+        ch = chr(code)
+        changes = ch.casefold() != ch or unicodedata.normalize("NFKD", ch) != ch
+        if not (changes or unicodedata.combining(ch)):
+            continue  # nothing to fold, compose or decompose: its own key trivially
+        try:
+            _, key = normalize_email(f"a{ch}@x.io")
+        except InvalidInput:
+            continue
+        assert normalize_email(key)[1] == key, hex(code)
+        assert normalize_email(unicodedata.normalize("NFD", f"a{ch}@x.io"))[1] == key, hex(code)
+
+
 REFUSED_EMAILS: list[Any] = [
     "",
     "   ",
@@ -79,6 +129,15 @@ REFUSED_EMAILS: list[Any] = [
     "ali\u2028ce@example.com",  # line separator
     "ali\ud800ce@example.com",  # lone surrogate
     "ali\U000e0001ce@example.com",  # language tag (format)
+    # default-ignorable but not format: render as nothing, so they would make lookalikes
+    "alice\u034f@example.com",  # combining grapheme joiner (Mn)
+    "alice\ufe0f@example.com",  # variation selector-16 (Mn)
+    "alice\U000e0100@example.com",  # variation selector-17 (Mn)
+    "ali\u180bce@example.com",  # Mongolian free variation selector (Mn)
+    "ali\u17b4ce@example.com",  # Khmer inherent vowel (Mn)
+    "ali\u3164ce@example.com",  # Hangul filler (Lo; NFKC makes it U+1160, also refused)
+    "ali\uffa0ce@example.com",  # halfwidth Hangul filler (Lo)
+    "\u115falice@example.com",  # Hangul choseong filler (Lo)
     "x@" + "a" * 250 + ".io",  # 255 characters
     None,
     b"alice@example.com",
