@@ -13,13 +13,13 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
-import yarl
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import headers as hdr
 from gateway.accounts import AccountService, open_store
 from gateway.config import Settings
-from gateway.errors import Forbidden, InvalidPath, MethodNotAllowed, Unauthorized
+from gateway.errors import Forbidden, MethodNotAllowed, Unauthorized
 from gateway.handlers import OwnEndpoints
 from gateway.identity import Identity
 from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
@@ -32,23 +32,20 @@ from gateway.middleware import (
 from gateway.passwords import PasswordHasher
 from gateway.policy import bearer_token, evaluate, require_identity
 from gateway.proxy import Forwarder, is_websocket_upgrade
-from gateway.routing import RouteMatch, RouteTable, canonical_path
+from gateway.routing import (
+    RouteMatch,
+    RouteTable,
+    canonical_path,
+    request_target,
+    valid_host,
+)
+from gateway.server import DEFAULT_LIMITS, GatewayRunner
 from gateway.tokens import KeyRing, TokenService
 
 log = logging.getLogger("gateway")
 
 METRICS = web.AppKey("metrics", Metrics)
 PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
-
-
-def request_path(request: web.Request) -> str:
-    """The raw, still-encoded path of the request target, also for absolute-form targets."""
-    raw = request.raw_path
-    if raw.startswith("/"):
-        return raw.partition("?")[0]
-    if raw.startswith(("http://", "https://")):
-        return yarl.URL(raw, encoded=True).raw_path or "/"
-    raise InvalidPath("The request target is not a path.")
 
 
 class Gateway:
@@ -124,15 +121,16 @@ class Gateway:
                 label = OWN_ENDPOINT
                 response: web.StreamResponse = preflight
             else:
-                path = canonical_path(request_path(request))
+                target = request_target(request.raw_path, request.headers.get("Host"))
+                path = canonical_path(target.path)
                 own = self.own.table.get(path)
                 if own is not None:
                     label = OWN_ENDPOINT
                     response = await self._own_endpoint(request, own)
                 else:
-                    match = self.routes.match(request.method, request.host, path)
+                    match = self.routes.match(request.method, target.host, path)
                     label = match.route.name
-                    response = await self._proxy(request, match)
+                    response = await self._proxy(request, match, target.host)
             status = response.status
             return response
         except (Unauthorized, Forbidden) as err:
@@ -160,11 +158,13 @@ class Gateway:
         response: web.StreamResponse = await handler(request)
         return response
 
-    async def _proxy(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
+    async def _proxy(
+        self, request: web.Request, match: RouteMatch, host: str | None
+    ) -> web.StreamResponse:
         route = match.route
         token = None if route.auth == "public" else self._bearer(request)
         identity = evaluate(route, token, self.tokens.verify)
-        upstream_headers = self._upstream_headers(request, identity, match)
+        upstream_headers = self._upstream_headers(request, identity, match, host)
         started = time.perf_counter()
         try:
             if route.websocket and is_websocket_upgrade(request):
@@ -192,7 +192,9 @@ class Gateway:
     def _bearer(self, request: web.Request) -> str | None:
         return bearer_token(request.headers.getall("Authorization", []))
 
-    def _upstream_headers(self, request: web.Request, identity: Identity | None, match: RouteMatch):  # type: ignore[no-untyped-def]
+    def _upstream_headers(
+        self, request: web.Request, identity: Identity | None, match: RouteMatch, host: str | None
+    ) -> CIMultiDict[str]:
         trusted = self.peer_trusted(request)
         out = hdr.clean_request_headers(
             self.header_policy,
@@ -212,7 +214,7 @@ class Gateway:
                     request.headers.getall("X-Forwarded-Proto", []),
                     peer_trusted=trusted,
                 ),
-                host=request.host,
+                host=host,
                 existing_xff=", ".join(chain) if chain else None,
                 peer_trusted=trusted,
                 peer=request.remote,
@@ -235,7 +237,9 @@ class Gateway:
                 or request.headers.get("X-Original-Method")
                 or "GET"
             )
-            host = request.headers.get("X-Forwarded-Host") or request.host
+            host = valid_host(request.headers.get("X-Forwarded-Host")) or valid_host(
+                request.headers.get("Host")
+            )
             target = original_uri.partition("?")[0]
             path = canonical_path(target if target.startswith("/") else "/" + target)
             match = self.routes.match(method.upper(), host, path)
@@ -257,13 +261,15 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app = web.Application(
         middlewares=[problem_middleware],
         client_max_size=settings.server.max_body_size,
-        handler_args={"max_field_size": 16 * 1024, "max_line_size": 16 * 1024},
+        # Sizes and keep-alive for any runner; GatewayRunner (serve) adds the deadlines.
+        handler_args=DEFAULT_LIMITS.handler_args(),
     )
     app[GATEWAY] = gateway
     app[METRICS] = gateway.metrics
     app.cleanup_ctx.append(gateway.resources)
     app.on_response_prepare.append(make_cors_hook(settings.cors))
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    # [\s\S]: also paths with an (encoded) newline reach the handler, which refuses them.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", gateway.handle)
     return app
 
 
@@ -289,9 +295,9 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
         # Several processes on one port arrive with scale-out; say so rather than pretend.
         log.warning("server.workers=%d: this version runs one process", settings.server.workers)
     app = create_app(settings)
-    runners = [web.AppRunner(app, shutdown_timeout=settings.server.shutdown_grace)]
+    runners = [GatewayRunner(app, shutdown_timeout=settings.server.shutdown_grace)]
     if settings.server.admin is not None:
-        runners.append(web.AppRunner(create_admin_app(app[METRICS])))
+        runners.append(GatewayRunner(create_admin_app(app[METRICS])))
     for runner in runners:
         await runner.setup()
     server = settings.server

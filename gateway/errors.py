@@ -10,9 +10,11 @@ never hold a token, SQL, a file path or key material.
     ├── Forbidden (403) ── InsufficientScope, RegistrationClosed, CsrfRejected
     ├── NotFound (404)
     ├── MethodNotAllowed (405)
+    ├── RequestTimeout (408)
     ├── Conflict (409) ── EmailTaken
     ├── PayloadTooLarge (413)
     ├── UnsupportedMediaType (415)
+    ├── RequestHeaderFieldsTooLarge (431)
     ├── TooManyRequests (429)
     ├── BadGateway (502)
     ├── ServiceUnavailable (503) ── Overloaded
@@ -102,6 +104,10 @@ class MethodNotAllowed(GatewayError):
         super().__init__(detail)
 
 
+class RequestTimeout(GatewayError):
+    status, code, title = 408, "request_timeout", "Request Timeout"
+
+
 class Conflict(GatewayError):
     status, code, title = 409, "conflict", "Conflict"
 
@@ -116,6 +122,10 @@ class PayloadTooLarge(GatewayError):
 
 class UnsupportedMediaType(GatewayError):
     status, code, title = 415, "unsupported_media_type", "Unsupported Media Type"
+
+
+class RequestHeaderFieldsTooLarge(GatewayError):
+    status, code, title = 431, "request_header_fields_too_large", "Request Header Fields Too Large"
 
 
 class TooManyRequests(GatewayError):

@@ -8,8 +8,11 @@ Guarantees (CONTRACT §6):
   same ``HTTP_X_USER_ID``), duplicated or named in ``Connection``;
 - hop-by-hop headers (RFC 9110 §7.6.1) and every header named in ``Connection`` never pass;
 - from a peer outside ``trusted_proxies`` the client's ``X-Forwarded-*``, ``Forwarded``,
-  ``X-Real-IP``, ``X-Original-URI``/``-URL`` and ``X-Rewrite-URL`` are dropped, so the values
-  the gateway adds replace them;
+  ``X-Real-IP``, ``X-Original-URI``/``-URL``, ``X-Rewrite-URL`` and the other headers of
+  ``UNTRUSTED_ONLY`` (client-address and original-host/method claims) are dropped, so the
+  values the gateway adds replace them;
+- method overrides (``X-HTTP-Method-Override`` and kin) never pass: the policy is evaluated
+  on the request's own method;
 - the gateway's own cookies never leave the gateway;
 - injected values are printable ASCII: nothing a claim holds can split or forge a header.
 
@@ -32,6 +35,7 @@ from gateway.config import HeaderSettings
 __all__ = [
     "HOP_BY_HOP",
     "UNTRUSTED_ONLY",
+    "METHOD_OVERRIDE",
     "FORWARDED",
     "GATEWAY_COOKIES",
     "HeaderPolicy",
@@ -65,8 +69,32 @@ HOP_BY_HOP = frozenset(
 )
 HOP_BY_HOP_PREFIX = "proxy-"
 
-# Believed by some backends (nginx-style stacks) as the client's address or original URL.
-UNTRUSTED_ONLY = frozenset({"x-real-ip", "x-original-uri", "x-original-url", "x-rewrite-url"})
+# Believed by some backends as the client's address, or as the original URL, host or method
+# (nginx, IIS URL Rewrite, Symfony, CDNs, Envoy); only a trusted proxy may state them.
+UNTRUSTED_ONLY = frozenset(
+    {
+        "x-real-ip",
+        "x-original-uri",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-host",
+        "x-original-method",
+        "x-host",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "true-client-ip",
+        "client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-envoy-external-address",
+        "x-envoy-original-path",
+    }
+)
+
+# Frameworks (Express method-override, Symfony, ASP.NET, Spring) run the method these name
+# instead of the request's: a route limited to GET would serve a DELETE the policy never saw.
+# The gateway evaluates the request's own method, so nobody's override reaches an upstream.
+METHOD_OVERRIDE = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 
 # Client-supplied forwarding information; replaced (not appended to) for untrusted peers.
 FORWARDED = frozenset(
@@ -151,7 +179,7 @@ def _drop_request_header(
         return True
     if policy._owned(norm):
         return True
-    if norm in OWNED_BY_FORWARDER or norm in SET_BY_GATEWAY:
+    if norm in OWNED_BY_FORWARDER or norm in SET_BY_GATEWAY or norm in METHOD_OVERRIDE:
         return True
     if not peer_trusted and (
         norm in UNTRUSTED_ONLY or norm in FORWARDED or norm.startswith(FORWARDED_PREFIX)
@@ -185,8 +213,9 @@ def clean_request_headers(
     ``Connection`` too on websocket routes: aiohttp's websocket client writes its own
     handshake) and every header named in any ``Connection``; ``Host``, ``Content-Length`` and
     ``Expect`` (the Forwarder sets framing and Host per hop); ``X-Forwarded-For/-Proto/-Host``
-    (``forwarded_headers`` sets them); for an untrusted peer also every ``X-Forwarded-*``,
-    ``Forwarded`` and ``UNTRUSTED_ONLY`` header; ``Authorization`` unless forwarded. The
+    (``forwarded_headers`` sets them); method overrides (``METHOD_OVERRIDE``); for an
+    untrusted peer also every ``X-Forwarded-*``, ``Forwarded`` and ``UNTRUSTED_ONLY`` header;
+    ``Authorization`` unless forwarded. The
     gateway's cookies are removed from ``Cookie``; the other cookies are merged into a single
     ``Cookie`` header (RFC 9113 §8.2.3), dropped when none is left.
     On websocket routes the ``Sec-WebSocket-*`` handshake headers go as well.

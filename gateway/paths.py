@@ -2,6 +2,7 @@
 
 A canonical path starts with ``/``, holds no empty segment (except a trailing ``/``), no dot
 segment, no encoded ``/`` or ``\\``, no control character (raw or encoded), only valid UTF-8,
+nothing that a second decoding would turn into a separator or a dot segment,
 and percent-encodes everything but unreserved characters, sub-delims, ``:`` and ``@`` with
 upper-case hex. ``canonical_path`` is idempotent on its own output. Routing and forwarding
 both use it, and config checks route prefixes against it, so all three agree.
@@ -26,6 +27,7 @@ _REFUSED_RAW = frozenset(b"\\#? ")
 # Never acceptable encoded: a second separator the router cannot see (CONTRACT §6).
 _REFUSED_ENCODED = frozenset(b"/\\")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 # A whole path that is already canonical: segments neither empty nor starting with "." or
 # ";" (so no dot segment, no parameters-only segment), only characters kept raw.
@@ -49,8 +51,10 @@ def canonical_path(raw_path: str) -> str:
     Also refused: control characters (raw or encoded), a raw ``\\``, ``#``, ``?`` or space,
     bytes that are not UTF-8 (overlong ``%C0%AF`` is a classic slash smuggler), a segment
     holding only dots and spaces (Windows trims trailing dots and spaces), a segment starting
-    with ``;`` and a segment that looks like a separator or a dot segment after NFKC.
-    Non-ASCII characters and ASCII not allowed raw in a path are percent-encoded as UTF-8.
+    with ``;``, a segment that looks like a separator or a dot segment after NFKC, and one
+    that would hold a separator, a control or a dot segment if an upstream decoded it a second
+    time (``%252e%252e``, ``%252f``). Non-ASCII characters and ASCII not allowed raw in a
+    path are percent-encoded as UTF-8.
     ``..`` above the root is clamped (``/../x`` is ``/x``); a trailing ``/`` is kept.
     """
     if not isinstance(raw_path, str) or not raw_path.startswith("/"):
@@ -61,7 +65,8 @@ def canonical_path(raw_path: str) -> str:
     out: list[str] = []
     trailing_slash = False
     for segment in segments:
-        canonical = _canonical_segment(segment)
+        # Empty segments cost nothing: a path of 16,000 slashes is not 16,000 checks.
+        canonical = _canonical_segment(segment) if segment else ""
         # A trailing slash survives, whatever the last segment removed was (RFC 3986 §5.2.4).
         trailing_slash = canonical in ("", ".", "..")
         if canonical == "..":
@@ -90,6 +95,8 @@ def _canonical_segment(segment: str) -> str:
     except UnicodeDecodeError:
         raise InvalidPath("The request path is not valid UTF-8.") from None
     _check_segment_text(canonical, text)
+    if "%" in text:
+        _check_decoded_again(text)
     return canonical
 
 
@@ -143,3 +150,27 @@ def _check_segment_text(canonical: str, text: str) -> None:
         raise InvalidPath("The request path holds a segment of only parameters.")
     if name and not name.strip(". "):
         raise InvalidPath("The request path holds a dot segment.")
+
+
+def _check_decoded_again(text: str) -> None:
+    """Refuse a segment that a second decoding would turn into a separator or a dot segment.
+
+    ``%252e%252e`` is ``%2e%2e`` once decoded (the gateway's view, harmless) and ``..`` twice:
+    an upstream that decodes again (IIS's double-decode, a framework that unquotes a path it
+    received already unquoted) would walk out of the route the policy was evaluated on. Same
+    for ``%252f``, ``%255c``, ``%2500`` and overlong ``%25c0%25af``. A literal ``%`` followed
+    by anything else (``100%25``, ``%2541``) is data and passes.
+    """
+    raw = text.encode("utf-8")
+    again = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
+    if again == raw:
+        return
+    if any(b in _REFUSED_ENCODED or b < 0x20 or b == 0x7F for b in again):
+        raise InvalidPath("The request path holds a doubly encoded separator or control.")
+    try:
+        decoded = again.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidPath("The request path is not valid UTF-8 when decoded twice.") from None
+    name = decoded.split(";", 1)[0]
+    if name and not name.strip(". "):
+        raise InvalidPath("The request path holds a doubly encoded dot segment.")

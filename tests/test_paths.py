@@ -41,9 +41,18 @@ CANONICAL = [
     ("/a%20b", "/a%20b"),
     ("/a%3fb%23c", "/a%3Fb%23c"),
     ("/a%25b", "/a%25b"),
-    # one level of decoding only: %25 stays %25, so %252e is never a dot
-    ("/public/%252e%252e/admin", "/public/%252e%252e/admin"),
-    ("/admin%252fx", "/admin%252fx"),
+    # one level of decoding only: %25 stays %25; a literal "%" that a second decoding would
+    # not turn into a separator, control or dot segment is data
+    ("/100%25", "/100%25"),
+    ("/a%25b/%25", "/a%25b/%25"),
+    ("/%2541", "/%2541"),
+    ("/a%252e", "/a%252e"),
+    ("/%252e%252ex", "/%252e%252ex"),
+    ("/%25C3%25A9", "/%25C3%25A9"),
+    ("/a/%25252e%25252e", "/a/%25252e%25252e"),  # two levels are checked, not three
+    # long paths stay cheap and exact
+    ("/" * 16000 + "a", "/a"),
+    ("/a" * 5000, "/a" * 5000),
     # sub-delims, ":" and "@" are allowed raw and kept raw
     ("/a;b=c,d/e:f@g!$&'()*+", "/a;b=c,d/e:f@g!$&'()*+"),
     ("/api;jsessionid=1/x", "/api;jsessionid=1/x"),
@@ -133,6 +142,22 @@ REFUSED = [
     "/admin%e2%88%95x",
     "/admin\uff3cx",
     "/public/\u2024\u2024/admin",
+    # what a second decoding (IIS, a framework unquoting again) turns into a separator, a
+    # control or a dot segment
+    "/public/%252e%252e/admin",
+    "/public/%252E%252E/admin",
+    "/public/%252e./admin",
+    "/public/.%252e/admin",
+    "/public/%252e/admin",
+    "/public/%252e%252e;x/admin",
+    "/admin%252fx",
+    "/admin%252Fx",
+    "/public/..%252fadmin",
+    "/a%255cb",
+    "/a%2500",
+    "/a%250d%250aSet-Cookie:x",
+    "/%25c0%25af",
+    "/%25ff",
     # not a path
     "",
     "admin",

@@ -9,8 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import RouteSettings
-from gateway.errors import InvalidPath, MethodNotAllowed, NotFound
-from gateway.routing import RouteTable, canonical_path, normalize_host, upstream_url
+from gateway.errors import BadRequest, InvalidPath, MethodNotAllowed, NotFound
+from gateway.routing import (
+    RequestTarget,
+    RouteTable,
+    canonical_path,
+    normalize_host,
+    request_target,
+    segment_name,
+    upstream_url,
+    valid_host,
+)
 
 # -- RouteTable --------------------------------------------------------------------------
 
@@ -68,6 +77,28 @@ MATCHES = [
     ("GET", None, "/admin;jsessionid=1/users", "admin", "/admin;jsessionid=1/users"),
     ("GET", None, "/api;v=1/admin;x/y", "api-admin", "/api;v=1/admin;x/y"),
     ("GET", None, "/admin%3Bx", "root", "/admin%3Bx"),
+    # nor do trailing dots and spaces (Windows, IIS) or compatibility forms (NFKC)
+    ("GET", None, "/admin.", "admin", "/admin."),
+    ("GET", None, "/admin..", "admin", "/admin.."),
+    ("GET", None, "/admin%20", "admin", "/admin%20"),
+    ("GET", None, "/admin.%20.", "admin", "/admin.%20."),
+    ("GET", None, "/admin./x", "admin", "/admin./x"),
+    ("GET", None, "/admin%C2%A0", "admin", "/admin%C2%A0"),
+    (
+        "GET",
+        None,
+        "/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E",
+        "admin",
+        "/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E",
+    ),
+    ("GET", None, "/api./admin;x./y", "api-admin", "/api./admin;x./y"),
+    ("GET", None, "/admin.x", "root", "/admin.x"),
+    ("GET", None, "/admin%3F/x", "admin", "/admin%3F/x"),
+    ("GET", None, "/admin%23", "admin", "/admin%23"),
+    ("GET", None, "/.admin", "root", "/.admin"),
+    # case is kept: routes are case-sensitive, like nginx prefix locations
+    ("GET", None, "/ADMIN", "root", "/ADMIN"),
+    ("GET", None, "/Admin/x", "root", "/Admin/x"),
     # methods, case-insensitively
     ("GET", None, "/data/1", "read", "/data/1"),
     ("head", None, "/data", "read", "/data"),
@@ -79,6 +110,7 @@ MATCHES = [
     ("GET", None, "/strip/x", "strip", "/x"),
     ("GET", None, "/strip/x/", "strip", "/x/"),
     ("GET", None, "/strip;p/x", "strip", "/x"),
+    ("GET", None, "/strip./x", "strip", "/x"),
     ("GET", None, "/stripped", "root", "/stripped"),
     ("GET", None, "/s/deep/y", "strip-deep", "/y"),
     ("GET", None, "/s/deeper", "root", "/s/deeper"),
@@ -190,6 +222,168 @@ def test_normalize_host(host: str | None, expected: str | None) -> None:
     assert normalize_host(host) == expected
 
 
+def test_a_route_matches_by_name_only_when_no_exact_prefix_does() -> None:
+    table = RouteTable([route("loose", "/a"), route("exact", "/a.")])
+    assert table.match("GET", None, "/a.").route.name == "exact"
+    assert table.match("GET", None, "/a..").route.name == "loose"
+    assert table.match("GET", None, "/a%20").route.name == "loose"
+
+
+@pytest.mark.parametrize(
+    ("segment", "name"),
+    [
+        ("admin", "admin"),
+        ("admin;x=1", "admin"),
+        ("admin.", "admin"),
+        ("admin. .", "admin"),
+        ("admin%20", "admin"),
+        ("admin.%20;x", "admin"),
+        ("a.b", "a.b"),
+        (".well-known", ".well-known"),
+        ("ADMIN", "ADMIN"),
+        ("%EF%BD%81dmin", "admin"),
+        ("caf%C3%A9", "caf\u00e9"),
+        ("admin%3Bx", "admin;x"),
+        ("admin%3Fx", "admin"),
+        ("admin%23", "admin"),
+        ("a%3Fb%23c", "a"),
+        ("", ""),
+    ],
+)
+def test_segment_name(segment: str, name: str) -> None:
+    assert segment_name(segment) == name
+
+
+# -- request targets and hosts -----------------------------------------------------------
+
+TARGETS = [
+    # (raw target, Host header, path, host)
+    ("/a/b?x=1", "example.com", "/a/b", "example.com"),
+    ("/", "example.com:8080", "/", "example.com:8080"),
+    ("/a", None, "/a", None),
+    ("/a", "", "/a", None),
+    ("/a", "  example.com ", "/a", "example.com"),
+    ("//a?b", "h", "//a", "h"),
+    # absolute-form: the authority must name the Host's host and port
+    ("http://example.com/admin?x", "example.com", "/admin", "example.com"),
+    ("http://EXAMPLE.com/admin", "example.com", "/admin", "example.com"),
+    ("http://example.com:80/a", "example.com", "/a", "example.com"),
+    ("http://example.com/a", "example.com:80", "/a", "example.com:80"),
+    ("https://example.com:443/a", "example.com", "/a", "example.com"),
+    ("HTTP://example.com/a", "example.com", "/a", "example.com"),
+    ("http://example.com./a", "example.com", "/a", "example.com"),
+    ("http://example.com", "example.com", "/", "example.com"),
+    ("http://example.com?q=1", "example.com", "/", "example.com"),
+    ("http://[::1]:8080/a", "[::1]:8080", "/a", "[::1]:8080"),
+    ("http://127.0.0.1/a/%2e%2e/b", "127.0.0.1", "/a/%2e%2e/b", "127.0.0.1"),
+    # HTTP/1.0 without Host: the authority is the host
+    ("http://example.com/a", None, "/a", "example.com"),
+]
+
+
+@pytest.mark.parametrize(("raw", "host_header", "path", "host"), TARGETS)
+def test_request_target(raw: str, host_header: str | None, path: str, host: str | None) -> None:
+    assert request_target(raw, host_header) == RequestTarget(path, host)
+
+
+REFUSED_TARGETS = [
+    # (raw target, Host header, error)
+    ("http://other-host/admin", "127.0.0.1", BadRequest),
+    ("http://admin.example/", "127.0.0.1", BadRequest),
+    ("http://127.0.0.1/admin", "admin.example", BadRequest),
+    ("http://example.com:81/a", "example.com", BadRequest),
+    ("http://example.com/a", "example.com:81", BadRequest),
+    ("https://example.com/a", "example.com:80", BadRequest),
+    ("http://example.com/a", "example.com:443", BadRequest),
+    ("http://user@example.com/a", "example.com", BadRequest),
+    ("http://user:pw@example.com/a", "example.com", BadRequest),
+    ("http://a@b@example.com/a", "example.com", BadRequest),
+    ("http://exa mple.com/a", "example.com", BadRequest),
+    ("http://example.com%2F@x/a", "example.com", BadRequest),
+    ("http://example.com:99999/a", "example.com", BadRequest),
+    ("http:///a", "example.com", InvalidPath),
+    ("http://", "example.com", InvalidPath),
+    ("*", "example.com", InvalidPath),
+    ("example.com:443", "example.com", InvalidPath),
+    ("ftp://example.com/a", "example.com", InvalidPath),
+    ("http:/a", "example.com", InvalidPath),
+    ("a/b", "example.com", InvalidPath),
+    ("", "example.com", InvalidPath),
+    # the Host itself is checked whatever the form
+    ("/a", "a@example.com", BadRequest),
+]
+
+
+@pytest.mark.parametrize(("raw", "host_header", "error"), REFUSED_TARGETS)
+def test_request_target_refused(raw: str, host_header: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        request_target(raw, host_header)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "example.com",
+        "EXAMPLE.com",
+        "example.com.",
+        "example.com:8080",
+        "example.com:",
+        "localhost",
+        "my_host-1.internal",
+        "127.0.0.1",
+        "127.0.0.1:80",
+        "[::1]",
+        "[::1]:8443",
+        "[2001:db8::1]",
+        "[::ffff:127.0.0.1]",
+    ],
+)
+def test_valid_host(host: str) -> None:
+    assert valid_host(host) == host
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a@example.com",
+        "user:pw@example.com",
+        "example.com@evil",
+        "a b",
+        "example.com ,evil",
+        "example.com,evil",
+        "example..com",
+        ".example.com",
+        "example.com..",
+        "example.com:99999",
+        "example.com:123456",
+        "example.com:8o",
+        "example.com:1:2",
+        "example%2ecom",
+        "example.com/admin",
+        "example.com\\x",
+        "example.com?x",
+        "example.com#x",
+        "ex\u0430mple.com",  # Cyrillic a
+        "\uff45xample.com",  # fullwidth e
+        "[::1",
+        "[zz::1]",
+        "[::1]x",
+        "::1",
+        "[::1]:80:80",
+        "example.com\x00",
+        "example.com\tx",
+    ],
+)
+def test_invalid_host(host: str) -> None:
+    with pytest.raises(BadRequest):
+        valid_host(host)
+
+
+@pytest.mark.parametrize("host", [None, "", "  "])
+def test_no_host(host: str | None) -> None:
+    assert valid_host(host) is None
+
+
 # -- upstream_url ------------------------------------------------------------------------
 
 UPSTREAM_URLS = [
@@ -285,9 +479,7 @@ def test_route_of_policy_is_route_of_forwarded_path(raw: str) -> None:
         assert ROUTED.match("GET", None, canonical_path(upstream)).route == found.route
         built = upstream_url("http://127.0.0.1:9/base", upstream, "")
         assert built.raw_path == "/base" + upstream
-        prefix = found.route.path.rstrip("/")
-        assert (
-            upstream == prefix
-            or upstream.startswith(prefix + "/")
-            or (upstream.startswith(prefix + ";"))
-        )
+        # segment by segment, the forwarded path starts with the prefix whose policy ran
+        prefix = [s for s in found.route.path.split("/") if s]
+        sent = upstream.split("/")[1:]
+        assert [segment_name(s) for s in sent[: len(prefix)]] == prefix
