@@ -6,12 +6,14 @@ responses carry ``Cache-Control: no-store``; account bodies are read with a smal
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
+from gateway import openapi
 from gateway.accounts import AccountService, TokenPair
 from gateway.config import Settings
 from gateway.errors import InvalidInput, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
@@ -28,21 +30,70 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, or a 400/413/415 saying what is wrong with it."""
+    """The request's JSON object, or a 400/413/415 saying what is wrong with it.
+
+    Only ``application/json`` in UTF-8 (RFC 8259 §8.1) is read: a declared Latin-1 body whose
+    bytes also happen to be valid UTF-8 would otherwise be read as different text than the
+    client meant. The body is read to its end but never past ``MAX_JSON_BODY``, whatever the
+    framing (Content-Length or chunked).
+    """
     if request.content_type != "application/json":
         raise UnsupportedMediaType("This endpoint takes Content-Type: application/json.")
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType("JSON bodies must be UTF-8.")
     if request.content_length is not None and request.content_length > MAX_JSON_BODY:
         raise PayloadTooLarge(f"The body must be at most {MAX_JSON_BODY} bytes.")
-    raw = await request.content.read(MAX_JSON_BODY + 1)
-    if len(raw) > MAX_JSON_BODY:
-        raise PayloadTooLarge(f"The body must be at most {MAX_JSON_BODY} bytes.")
+    return parse_json_object(await _read_limited(request.content, MAX_JSON_BODY))
+
+
+async def _read_limited(content: StreamReader, limit: int) -> bytes:
+    """The whole body, or ``PayloadTooLarge`` as soon as it exceeds ``limit``.
+
+    ``StreamReader.read(n)`` returns whatever has arrived (up to n bytes), not n bytes: one
+    call would see half of a body sent in several segments.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
+    return b"".join(chunks)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Strict JSON: one object, UTF-8 (a leading BOM is ignored, as RFC 8259 allows), no
+    duplicate keys, no ``NaN``/``Infinity``. Nesting too deep for the parser is a 400.
+
+    Duplicate keys are refused because parsers disagree on which copy wins: a filter in
+    front of us might check the first ``email`` while we would use the last.
+    """
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")  # strict: no overlong forms, no encoded surrogates
+    except UnicodeDecodeError:
+        raise InvalidInput("The body must be JSON in UTF-8.") from None
+    try:
+        body = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise InvalidInput("The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidInput("The body must be a JSON object.")
     return body
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise InvalidInput("The body repeats a key.")  # which one is not echoed
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidInput("The body is not valid JSON.")  # NaN, Infinity: not JSON (RFC 8259 §6)
 
 
 def token_response(pair: TokenPair) -> web.Response:
@@ -79,6 +130,8 @@ class OwnEndpoints:
         self.keyring = keyring
         self.client_ip = client_ip
         p = settings.accounts.prefix
+        # Rendered once: the document depends only on the configuration.
+        self._openapi = json.dumps(openapi.document(settings)).encode()
         self.table: dict[str, dict[str, Handler]] = {
             f"{p}/register": {"POST": self.register},
             f"{p}/login": {"POST": self.login},
@@ -87,6 +140,7 @@ class OwnEndpoints:
             f"{p}/profile": {"GET": self.profile},
             f"{p}/password": {"POST": self.password},
             f"{p}/verify": {"GET": verify_handler},
+            f"{p}/openapi.json": {"GET": self.openapi_document},
             "/.well-known/jwks.json": {"GET": self.jwks},
             "/.well-known/openid-configuration": {"GET": self.openid_configuration},
             "/healthz": {"GET": self.healthz},
@@ -141,6 +195,14 @@ class OwnEndpoints:
             identity.id, body.get("current_password"), body.get("new_password")
         )
         return web.Response(status=204, headers=NO_STORE)
+
+    async def openapi_document(self, request: web.Request) -> web.Response:
+        """``GET {p}/openapi.json``: the OpenAPI 3.1 document of these endpoints."""
+        return web.Response(
+            body=self._openapi,
+            content_type="application/json",
+            headers={"Cache-Control": "public, max-age=300"},
+        )
 
     async def jwks(self, request: web.Request) -> web.Response:
         return web.json_response(
