@@ -337,6 +337,11 @@ class GatewayProtocol(RequestHandler):
         client's bytes, never a traceback."""
         if request.writer.output_size > 0:
             raise ConnectionError("a response is already under way")
+        if isinstance(exc, ConnectionError):
+            # The client went away (or was cut for being too slow) mid-request: nobody is
+            # left to answer, and it is no error of ours.
+            log.info("connection from %s lost mid-request", request.remote)
+            return _closing(parser_error(400, exc))
         err = parser_error(status, exc)
         if err.status >= 500:
             log.error("error handling a request from %s", request.remote, exc_info=exc)

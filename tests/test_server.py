@@ -329,8 +329,15 @@ async def test_stalled_body_gets_408_and_is_cut(serve: Serve) -> None:
 async def test_trickling_body_under_the_minimum_rate_is_cut(serve: Serve) -> None:
     served = await serve()  # 100 B/s after 0.5 s; a byte every 50 ms is never idle for 0.5 s
     head = b"POST /read HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n"
-    response, elapsed = await answer_while_trickling(served, head, b"x" * 1000, 0.05)
-    assert response.status == 408
+    started = time.monotonic()
+    try:
+        response, elapsed = await answer_while_trickling(served, head, b"x" * 1000, 0.05)
+    except ConnectionResetError:
+        # A handler was reading the body, so the socket closes at once: the client's next
+        # bytes can make the kernel answer with a reset that overtakes the 408. Cut it is.
+        elapsed = time.monotonic() - started
+    else:
+        assert response.status == 408
     assert 0.5 < elapsed < 2.0
 
 

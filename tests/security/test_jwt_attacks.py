@@ -1059,7 +1059,12 @@ async def test_huge_authorization_header_is_a_clear_4xx(rs256: Target, size: int
     token = rs256.access_token + "A" * (size - len(rs256.access_token))
     for path in TARGET_PATHS:
         resp = await send_tolerant(rs256.gw.url, request_bytes(path, bearer(token)))
-        assert resp is not None, f"{path}: connection dropped without an answer"
+        if resp is None:
+            # The gateway answered 431 and closed while this client was still sending the
+            # rest of the head; the kernel may then reset the connection before the answer
+            # is read. Only possible once the head is past the 16 KiB the gateway reads.
+            assert size > 16 * 1024, f"{path}: connection dropped without an answer"
+            continue
         assert resp.status in (400, 401, 431), (path, resp.status)
         assert resp.header("X-Upstream") is None
         assert b"A" * 64 not in resp.body
