@@ -35,7 +35,7 @@ import jwt
 from gateway.config import IssuerSettings
 from gateway.errors import InvalidToken
 from gateway.identity import Identity, identity_from_claims
-from gateway.tokens import _ACCEPTED_TYP, _reason, _timestamp, _unverified_header
+from gateway.tokens import _ACCEPTED_TYP, _reason, _unverified_header, check_times
 
 __all__ = ["ExternalVerifier", "IssuerKeys", "JwksUnavailable"]
 
@@ -453,17 +453,8 @@ class ExternalVerifier:
         raise InvalidToken("signature")
 
     def _check_times(self, claims: dict[str, Any], settings: IssuerSettings) -> None:
-        now = self._clock()
         leeway = self._default_leeway if settings.leeway is None else float(settings.leeway)
-        iat = _timestamp(claims, "iat")
-        nbf = _timestamp(claims, "nbf")
-        exp = _timestamp(claims, "exp")
-        if iat is not None and iat > now + leeway:
-            raise InvalidToken("iat")
-        if nbf is not None and nbf > now + leeway:
-            raise InvalidToken("not_yet_valid")
-        if exp is not None and exp <= now - leeway:
-            raise InvalidToken("expired")
+        check_times(claims, now=self._clock(), leeway=leeway)
 
 
 def _checked_header(header: Mapping[str, Any]) -> tuple[str, str | None]:

@@ -30,7 +30,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,16 +462,21 @@ class TokenService:
         return claims
 
     def _check_times(self, claims: dict[str, Any]) -> None:
-        now, leeway = self._clock(), self._leeway
-        iat = _timestamp(claims, "iat")
-        nbf = _timestamp(claims, "nbf")
-        exp = _timestamp(claims, "exp")
-        if iat is not None and iat > now + leeway:
-            raise InvalidToken("iat")
-        if nbf is not None and nbf > now + leeway:
-            raise InvalidToken("not_yet_valid")
-        if exp is not None and exp <= now - leeway:
-            raise InvalidToken("expired")
+        check_times(claims, now=self._clock(), leeway=self._leeway)
+
+
+def check_times(claims: Mapping[str, Any], *, now: float, leeway: float) -> None:
+    """``iat`` not in the future, ``nbf`` reached, ``exp`` not passed, each within ``leeway``
+    (checked here rather than by PyJWT so that the clock can be injected)."""
+    iat = _timestamp(claims, "iat")
+    nbf = _timestamp(claims, "nbf")
+    exp = _timestamp(claims, "exp")
+    if iat is not None and iat > now + leeway:
+        raise InvalidToken("iat")
+    if nbf is not None and nbf > now + leeway:
+        raise InvalidToken("not_yet_valid")
+    if exp is not None and exp <= now - leeway:
+        raise InvalidToken("expired")
 
 
 def _unverified_header(token: object) -> dict[str, Any]:
@@ -518,7 +523,7 @@ def _with_low_s(token: str) -> str:
     return f"{token.rpartition('.')[0]}.{encoded}"
 
 
-def _timestamp(claims: dict[str, Any], name: str) -> float | None:
+def _timestamp(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
