@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -22,6 +23,7 @@ from gateway.config import Settings
 from gateway.errors import Forbidden, MethodNotAllowed, Unauthorized
 from gateway.handlers import OwnEndpoints
 from gateway.identity import Identity
+from gateway.issuers import ExternalVerifier
 from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
 from gateway.middleware import (
     REQUEST_ID,
@@ -30,7 +32,7 @@ from gateway.middleware import (
     problem_middleware,
 )
 from gateway.passwords import PasswordHasher
-from gateway.policy import bearer_token, evaluate, require_identity
+from gateway.policy import bearer_token, decide
 from gateway.proxy import Forwarder, is_websocket_upgrade
 from gateway.routing import (
     RouteMatch,
@@ -63,6 +65,10 @@ class Gateway:
         self.routes = RouteTable(settings.routes)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
+        self._issuer_session: aiohttp.ClientSession | None = None
+        self.external = ExternalVerifier(
+            settings.issuers, self._jwks_session, clock=clock, default_leeway=settings.tokens.leeway
+        )
         self.metrics = Metrics()
         self.own = OwnEndpoints(
             settings=settings,
@@ -70,6 +76,7 @@ class Gateway:
             tokens=self.tokens,
             keyring=self.keyring,
             client_ip=self.client_ip,
+            identify=self.identify,
             verify_handler=self.forward_auth,
         )
 
@@ -80,13 +87,29 @@ class Gateway:
         await self.store.open()
         await self.forwarder.start()
         housekeeping = asyncio.create_task(self._prune_forever())
+        # Issuers' keys are fetched in the background: a provider that is down must not stop
+        # the gateway from starting (its tokens get 401 until the keys arrive).
+        prefetch = asyncio.create_task(self.external.prefetch())
         try:
             yield
         finally:
             housekeeping.cancel()
+            prefetch.cancel()
+            await self.external.aclose()
+            if self._issuer_session is not None:
+                await self._issuer_session.close()
             await self.forwarder.close()
             await self.store.close()
             self.hasher.close()
+
+    def _jwks_session(self) -> aiohttp.ClientSession:
+        """The session for issuers' discovery and JWKS, made on first use. No cookie jar: a
+        provider must not be able to set cookies the session then sends to another."""
+        if self._issuer_session is None:
+            self._issuer_session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+            )
+        return self._issuer_session
 
     async def _prune_forever(self) -> None:
         """Keep the rate-event and refresh-token tables small; a failure only waits a round."""
@@ -98,6 +121,13 @@ class Gateway:
             await asyncio.sleep(PRUNE_INTERVAL)
 
     # -- who is asking ---------------------------------------------------------------
+
+    async def identify(self, token: str) -> Identity:
+        """The identity behind a bearer token: an external issuer's when its ``iss`` names a
+        configured issuer (checked against that issuer's keys only), else one of ours."""
+        if self.external.issuer_for(token) is not None:
+            return await self.external.verify(token)
+        return self.tokens.verify(token)
 
     def peer_trusted(self, request: web.Request) -> bool:
         return self.header_policy.trusts(request.remote)
@@ -163,7 +193,7 @@ class Gateway:
     ) -> web.StreamResponse:
         route = match.route
         token = None if route.auth == "public" else self._bearer(request)
-        identity = evaluate(route, token, self.tokens.verify)
+        identity = decide(route, await self.identify(token) if token is not None else None)
         upstream_headers = self._upstream_headers(request, identity, match, host)
         started = time.perf_counter()
         try:
@@ -242,10 +272,14 @@ class Gateway:
             )
             target = original_uri.partition("?")[0]
             path = canonical_path(target if target.startswith("/") else "/" + target)
-            match = self.routes.match(method.upper(), host, path)
-            identity = evaluate(match.route, token, self.tokens.verify)
+            route = self.routes.match(method.upper(), host, path).route
+            # A public route's credentials are not examined, as when proxying.
+            looked_at = token if route.auth != "public" else None
+            identity = decide(route, await self.identify(looked_at) if looked_at else None)
+        elif token is None:
+            raise Unauthorized("A bearer token is required.")
         else:
-            identity = require_identity(token, self.tokens.verify)
+            identity = await self.identify(token)
         headers = {"Cache-Control": "no-store"}
         if identity is not None:
             headers.update(hdr.identity_header_values(self.settings.headers, identity))

@@ -16,13 +16,20 @@ from aiohttp import StreamReader, web
 from gateway import openapi
 from gateway.accounts import AccountService, TokenPair
 from gateway.config import Settings
-from gateway.errors import InvalidInput, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
+from gateway.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from gateway.identity import Identity
 from gateway.policy import bearer_token, require_identity
 from gateway.tokens import KeyRing, TokenService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ClientIp = Callable[[web.Request], str]
+Identify = Callable[[str], Awaitable[Identity]]
 
 # Account requests are tiny; refusing big ones early keeps JSON parsing cheap and bounded.
 MAX_JSON_BODY = 64 * 1024
@@ -96,6 +103,17 @@ def _no_constant(name: str) -> Any:
     raise InvalidInput("The body is not valid JSON.")  # NaN, Infinity: not JSON (RFC 8259 §6)
 
 
+def external_profile(identity: Identity) -> dict[str, Any]:
+    return {
+        "id": identity.id,
+        "email": identity.email,
+        "name": identity.name,
+        "roles": list(identity.roles),
+        "created_at": None,
+        "issuer": identity.issuer,
+    }
+
+
 def token_response(pair: TokenPair) -> web.Response:
     return web.json_response(
         {
@@ -122,6 +140,7 @@ class OwnEndpoints:
         tokens: TokenService,
         keyring: KeyRing,
         client_ip: ClientIp,
+        identify: Identify,
         verify_handler: Handler,
     ) -> None:
         self.settings = settings
@@ -129,6 +148,7 @@ class OwnEndpoints:
         self.tokens = tokens
         self.keyring = keyring
         self.client_ip = client_ip
+        self.identify = identify
         p = settings.accounts.prefix
         # Rendered once: the document depends only on the configuration.
         self._openapi = json.dumps(openapi.document(settings)).encode()
@@ -152,6 +172,7 @@ class OwnEndpoints:
                 methods["HEAD"] = methods["GET"]
 
     def _identity(self, request: web.Request) -> Identity:
+        """A local account's identity: only our own tokens change our own accounts."""
         token = bearer_token(request.headers.getall("Authorization", []))
         return require_identity(token, self.tokens.verify)
 
@@ -185,7 +206,14 @@ class OwnEndpoints:
         return web.Response(status=204, headers=NO_STORE)
 
     async def profile(self, request: web.Request) -> web.Response:
-        user = await self.accounts.profile(self._identity(request).id)
+        token = bearer_token(request.headers.getall("Authorization", []))
+        if token is None:
+            raise Unauthorized("A bearer token is required.")
+        identity = await self.identify(token)
+        if identity.issuer != self.settings.tokens.issuer:
+            # An external issuer's user has no account here: the verified claims are the profile.
+            return web.json_response(external_profile(identity), headers=NO_STORE)
+        user = await self.accounts.profile(identity.id)
         return web.json_response(user.public(), headers=NO_STORE)
 
     async def password(self, request: web.Request) -> web.Response:

@@ -43,12 +43,20 @@ def require_identity(token: str | None, verify: Verifier) -> Identity:
     return verify(token)
 
 
-def evaluate(route: RouteSettings, token: str | None, verify: Verifier) -> Identity | None:
-    """Apply ``route.auth`` (CONTRACT §3); raises 401/403 errors, returns the identity to inject."""
+def decide(route: RouteSettings, identity: Identity | None) -> Identity | None:
+    """Apply ``route.auth`` (CONTRACT §3) to the identity of an already verified token (None:
+    no token offered); raises 401/403 errors, returns the identity to inject."""
     if route.auth == "public":
         return None
-    if route.auth == "optional" and token is None:
-        return None
-    identity = require_identity(token, verify)
+    if identity is None:
+        if route.auth == "optional":
+            return None
+        raise Unauthorized("A bearer token is required.")
     authorize(route, identity)
     return identity
+
+
+def evaluate(route: RouteSettings, token: str | None, verify: Verifier) -> Identity | None:
+    """``decide`` with a synchronous verifier: the whole policy in one call."""
+    identity = verify(token) if token is not None and route.auth != "public" else None
+    return decide(route, identity)
