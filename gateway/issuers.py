@@ -407,6 +407,8 @@ class ExternalVerifier:
 
     def issuer_for(self, token: object) -> IssuerKeys | None:
         """The issuer named by the token's *unverified* ``iss``; None if none of ours."""
+        if not self._issuers:
+            return None  # the common case: no payload decoding on every request for nothing
         issuer = _unverified_issuer(token)
         return None if issuer is None else self._issuers.get(issuer)
 
