@@ -21,7 +21,7 @@ from gateway import headers as hdr
 from gateway.accounts import AccountService, open_store
 from gateway.config import Settings
 from gateway.errors import Forbidden, MethodNotAllowed, Unauthorized
-from gateway.handlers import OwnEndpoints
+from gateway.handlers import Handler, OwnEndpoints
 from gateway.identity import Identity
 from gateway.issuers import ExternalVerifier
 from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
@@ -178,15 +178,12 @@ class Gateway:
             self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
 
     async def _own_endpoint(
-        self,
-        request: web.Request,
-        handlers: dict[str, Callable],  # type: ignore[type-arg]
+        self, request: web.Request, handlers: dict[str, Handler]
     ) -> web.StreamResponse:
         handler = handlers.get(request.method)
         if handler is None:
             raise MethodNotAllowed(tuple(sorted(handlers)))
-        response: web.StreamResponse = await handler(request)
-        return response
+        return await handler(request)
 
     async def _proxy(
         self, request: web.Request, match: RouteMatch, host: str | None
