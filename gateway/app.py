@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway import headers as hdr
 from gateway.accounts import AccountService, open_store
@@ -63,6 +64,11 @@ class Gateway:
             self.store, self.hasher, self.tokens, settings.accounts, settings.tokens, clock=clock
         )
         self.routes = RouteTable(settings.routes)
+        # The audience of identity assertions: the origins of each route's upstreams.
+        self.origins = {
+            route.name: tuple(dict.fromkeys(str(URL(u).origin()) for u in route.upstreams))
+            for route in settings.routes
+        }
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
@@ -232,6 +238,10 @@ class Gateway:
         )
         if identity is not None:
             out.extend(hdr.identity_header_values(self.settings.headers, identity))
+            assertion = self.settings.headers.assertion
+            if assertion:
+                audience = self.origins[match.route.name]
+                out[assertion] = self.tokens.issue_assertion(identity, audience)
         chain = request.headers.getall("X-Forwarded-For", [])
         out.extend(
             hdr.forwarded_headers(

@@ -30,7 +30,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,10 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["KeyInfo", "KeyRing", "KeyRingError", "TokenService", "MAX_TOKEN_LENGTH"]
 
 MAX_TOKEN_LENGTH = 8 * 1024
+# Identity assertions for upstreams (headers.assertion): short-lived, and typed so that
+# nothing mistakes one for an access token (RFC 8725 §3.11, explicit typing).
+ASSERTION_TTL = 60
+ASSERTION_TYP = "identity+jwt"
 MIN_RSA_BITS = 2048
 MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash output
 
@@ -400,7 +404,6 @@ class TokenService:
         self, *, user_id: str, email: str, name: str | None, roles: tuple[str, ...]
     ) -> tuple[str, int]:
         """Return ``(token, expires_in_seconds)``."""
-        kid, key = self._keyring.signing_key()
         now = int(self._clock())
         claims: dict[str, Any] = {
             "iss": self._settings.issuer,
@@ -415,11 +418,36 @@ class TokenService:
         }
         if name is not None:
             claims["name"] = name
-        headers = {"kid": kid, "typ": "JWT"}
-        token = jwt.encode(claims, key, algorithm=self._algorithm, headers=headers)
+        return self._sign(claims, typ="JWT"), self._ttl
+
+    def issue_assertion(self, identity: Identity, audience: Sequence[str]) -> str:
+        """A short-lived statement of ``identity`` for the upstreams at ``audience`` (their
+        origins), verifiable with our JWKS. Its ``typ`` is not an access token's, and its
+        ``aud`` is not ours, so it is never accepted back as a credential."""
+        now = int(self._clock())
+        claims: dict[str, Any] = {
+            "iss": self._settings.issuer,
+            "sub": identity.id,
+            "aud": list(audience),
+            "iat": now,
+            "nbf": now,
+            "exp": now + ASSERTION_TTL,
+            "jti": uuid.uuid4().hex,
+            "roles": list(identity.roles),
+            "orig_iss": identity.issuer,
+        }
+        if identity.email is not None:
+            claims["email"] = identity.email
+        if identity.name is not None:
+            claims["name"] = identity.name
+        return self._sign(claims, typ=ASSERTION_TYP)
+
+    def _sign(self, claims: dict[str, Any], *, typ: str) -> str:
+        kid, key = self._keyring.signing_key()
+        token = jwt.encode(claims, key, algorithm=self._algorithm, headers={"kid": kid, "typ": typ})
         if self._algorithm == "ES256":
             token = _with_low_s(token)
-        return token, self._ttl
+        return token
 
     def verify(self, token: str) -> Identity:
         """Raise ``InvalidToken(reason)`` for anything not a valid access token of ours."""

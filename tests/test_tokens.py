@@ -31,7 +31,7 @@ from jwt.algorithms import get_default_algorithms
 from gateway.config import Secret, TokenSettings
 from gateway.errors import InvalidToken
 from gateway.identity import Identity
-from gateway.tokens import KeyRing, KeyRingError, TokenService
+from gateway.tokens import ASSERTION_TTL, ASSERTION_TYP, KeyRing, KeyRingError, TokenService
 
 ISSUER = "https://gateway.test"
 AUDIENCE = "gateway"
@@ -923,3 +923,24 @@ def test_reprs_hold_no_key_material(shared_rings: Rings) -> None:
     for _, ring in shared_rings.values():
         assert "PRIVATE" not in repr(ring) and "KeyRing(" in repr(ring)
         assert "object at" not in repr(ring)
+
+
+# --- identity assertions for upstreams ---------------------------------------------------
+
+
+def test_assertion_states_the_identity_for_the_upstreams_only(any_ctx: Ctx) -> None:
+    identity = Identity(
+        id="00u1|okta", issuer="https://idp.example", email="g@example.com", roles=("a", "b")
+    )
+    token = any_ctx.service.issue_assertion(identity, ["http://127.0.0.1:9000"])
+    header = jwt.get_unverified_header(token)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert header["typ"] == ASSERTION_TYP and header["kid"]
+    assert claims["sub"] == "00u1|okta" and claims["orig_iss"] == "https://idp.example"
+    assert claims["iss"] == any_ctx.settings.issuer
+    assert claims["aud"] == ["http://127.0.0.1:9000"]
+    assert claims["roles"] == ["a", "b"] and claims["email"] == "g@example.com"
+    assert claims["exp"] - claims["iat"] == ASSERTION_TTL
+    # Signed with our key, yet never a credential: wrong typ and wrong audience.
+    with pytest.raises(InvalidToken):
+        any_ctx.service.verify(token)
