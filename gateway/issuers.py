@@ -24,7 +24,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -35,7 +35,7 @@ import jwt
 from gateway.config import IssuerSettings
 from gateway.errors import InvalidToken
 from gateway.identity import Identity, identity_from_claims
-from gateway.tokens import _ACCEPTED_TYP, _reason, _unverified_header, check_times
+from gateway.tokens import _reason, _unverified_header, check_header, check_times
 
 __all__ = ["ExternalVerifier", "IssuerKeys", "JwksUnavailable"]
 
@@ -418,7 +418,10 @@ class ExternalVerifier:
         keys = self.issuer_for(token)
         if keys is None:
             raise InvalidToken("issuer")
-        algorithm, kid = _checked_header(header)
+        algorithm = check_header(header, _ALGORITHMS)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("malformed")
         candidates = await keys.candidates(kid, algorithm)
         claims = self._decode(token, candidates, keys.settings)
         self._check_times(claims, keys.settings)
@@ -457,22 +460,6 @@ class ExternalVerifier:
     def _check_times(self, claims: dict[str, Any], settings: IssuerSettings) -> None:
         leeway = self._default_leeway if settings.leeway is None else float(settings.leeway)
         check_times(claims, now=self._clock(), leeway=leeway)
-
-
-def _checked_header(header: Mapping[str, Any]) -> tuple[str, str | None]:
-    """``(alg, kid)`` of an acceptable header; jku, x5u, x5c and jwk are never looked at."""
-    algorithm = header.get("alg")
-    if not isinstance(algorithm, str) or algorithm not in _ALGORITHMS:
-        raise InvalidToken("algorithm")
-    if "crit" in header:
-        raise InvalidToken("crit")  # we implement no extension (RFC 7515 §4.1.11)
-    typ = header.get("typ", "JWT")
-    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
-        raise InvalidToken("typ")
-    kid = header.get("kid")
-    if kid is not None and not isinstance(kid, str):
-        raise InvalidToken("malformed")
-    return algorithm, kid
 
 
 def _unverified_issuer(token: object) -> str | None:

@@ -30,7 +30,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,14 +459,8 @@ class TokenService:
         return identity_from_claims(claims, issuer=self._settings.issuer)
 
     def _key_for(self, header: dict[str, Any]) -> Any:
-        """Check the header and pick our key; jku, x5u, x5c and jwk are never looked at."""
-        if header.get("alg") != self._algorithm:
-            raise InvalidToken("algorithm")
-        if "crit" in header:
-            raise InvalidToken("crit")  # we implement no extension (RFC 7515 §4.1.11)
-        typ = header.get("typ", "JWT")
-        if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
-            raise InvalidToken("typ")
+        """Check the header and pick our key by exact ``kid``."""
+        check_header(header, (self._algorithm,))
         kid = header.get("kid")
         key = self._keyring.verification_key(kid) if isinstance(kid, str) else None
         if key is None:
@@ -491,6 +485,21 @@ class TokenService:
 
     def _check_times(self, claims: dict[str, Any]) -> None:
         check_times(claims, now=self._clock(), leeway=self._leeway)
+
+
+def check_header(header: Mapping[str, Any], algorithms: Collection[str]) -> str:
+    """The ``alg`` of an acceptable JOSE header, for our tokens and issuers' alike: one of
+    ``algorithms``, no ``crit`` (we implement no extension, RFC 7515 §4.1.11), ``typ`` absent,
+    JWT or at+jwt. jku, x5u, x5c and jwk are never looked at; ``kid`` is the caller's."""
+    algorithm = header.get("alg")
+    if not isinstance(algorithm, str) or algorithm not in algorithms:
+        raise InvalidToken("algorithm")
+    if "crit" in header:
+        raise InvalidToken("crit")
+    typ = header.get("typ", "JWT")
+    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
+        raise InvalidToken("typ")
+    return algorithm
 
 
 def check_times(claims: Mapping[str, Any], *, now: float, leeway: float) -> None:
