@@ -6,7 +6,6 @@ What reached the upstream is read from the echo, which lists every header copy i
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 import uuid
@@ -23,22 +22,12 @@ from tests.blackbox.client import (
     RawResponse,
     post_json,
     raw_request,
-    signed_in,
     unique_email,
 )
 from tests.blackbox.conftest import Echo, Gateway, launch_gateway, stop_process
 
 PROBLEM = "application/problem+json"
 IDENTITY_PREFIXES = ("x-user-", "x-auth-")
-
-
-@pytest.fixture(scope="module")
-def user(gateway: Gateway) -> Account:
-    async def sign_in() -> Account:
-        async with aiohttp.ClientSession() as session:
-            return await signed_in(session, gateway.url, tag="headers")
-
-    return asyncio.run(sign_in())
 
 
 def request(path: str, *headers: str, host: str | None = "127.0.0.1") -> bytes:

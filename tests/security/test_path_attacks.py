@@ -22,10 +22,9 @@ import unicodedata
 import urllib.parse
 from collections.abc import Iterator
 
-import aiohttp
 import pytest
 
-from tests.blackbox.client import Account, RawResponse, get, raw_request, signed_in
+from tests.blackbox.client import Account, RawResponse, get, raw_request
 from tests.blackbox.conftest import Gateway
 
 PROBLEM = "application/problem+json"
@@ -33,17 +32,6 @@ PROBLEM = "application/problem+json"
 # routes (tests/blackbox/conftest.py); "/base" is what /strip (auth required) forwards under.
 USER_PREFIXES = ("api", "public", "maybe", "ro", "base")
 ANONYMOUS_PREFIXES = ("public", "maybe")
-
-
-@pytest.fixture(scope="module")
-def user(gateway: Gateway) -> Account:
-    """A signed-in user with the default roles (no ``admin``)."""
-
-    async def sign_in() -> Account:
-        async with aiohttp.ClientSession() as session:
-            return await signed_in(session, gateway.url, tag="paths")
-
-    return asyncio.run(sign_in())
 
 
 # -- the oracle --------------------------------------------------------------------------
