@@ -199,3 +199,63 @@ def test_bad_usage_exits_non_zero_with_one_line(workdir: Path) -> None:
     result = run(workdir, "frobnicate")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_demo_answers_its_own_walkthrough(tmp_path: Path) -> None:
+    """`gateway demo` on the shipped demo config (ports moved so tests can run anywhere)."""
+    import socket
+    import time
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    port, echo, admin = free_port(), free_port(), free_port()
+    shipped = (Path(__file__).parent.parent / "config" / "gateway.yaml").read_text()
+    config = (
+        shipped.replace("${GATEWAY_PORT:-8080}", str(port))
+        .replace("127.0.0.1:9000", f"127.0.0.1:{echo}")
+        .replace("port: 9091", f"port: {admin}")
+        .replace("bcrypt_rounds: 12", "bcrypt_rounds: 4")
+    )
+    (tmp_path / "demo.yaml").write_text(config)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "demo", "-c", "demo.yaml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def call(path: str, body: dict | None = None, token: str | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(base + path, data=data, method="POST" if data else "GET")
+        req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "demo did not start"
+                time.sleep(0.1)
+        creds = {"email": "ada@example.com", "password": "correct horse battery"}
+        call("/auth/register", creds)
+        token = call("/auth/login", creds)["access_token"]
+        echoed = call("/api/hello", token=token)
+        names = {name.lower(): value for name, value in echoed["headers"]}
+        assert names["x-user-email"] == "ada@example.com" and names["x-user-roles"] == "user"
+        assert call("/auth/profile", token=token)["email"] == "ada@example.com"
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=15)
+    assert "curl" in output and f"{base}/auth/register" in output
