@@ -72,10 +72,14 @@ class Gateway:
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
-        self.external = ExternalVerifier(
-            settings.issuers, self._jwks_session, clock=clock, default_leeway=settings.tokens.leeway
-        )
         self.metrics = Metrics()
+        self.external = ExternalVerifier(
+            settings.issuers,
+            self._jwks_session,
+            clock=clock,
+            default_leeway=settings.tokens.leeway,
+            observer=self.metrics.jwks_fetched,
+        )
         self.own = OwnEndpoints(
             settings=settings,
             accounts=self.accounts,

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -37,7 +37,7 @@ from gateway.errors import InvalidToken
 from gateway.identity import Identity, identity_from_claims
 from gateway.tokens import _reason, _unverified_header, check_header, check_times
 
-__all__ = ["ExternalVerifier", "IssuerKeys", "JwksUnavailable"]
+__all__ = ["ExternalVerifier", "FetchObserver", "IssuerKeys", "JwksUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,14 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]  # iat is optional for external issuers
 
 
+class FetchObserver(Protocol):
+    """Told of every key-set fetch (for metrics): which issuer, why, how it went, how long."""
+
+    def __call__(
+        self, issuer: str, reason: str, outcome: str, seconds: float, keys: int | None
+    ) -> None: ...
+
+
 class JwksUnavailable(Exception):
     """A discovery document or key set could not be fetched or used (operator-facing)."""
 
@@ -117,10 +125,12 @@ class IssuerKeys:
         settings: IssuerSettings,
         session: SessionSource,
         clock: Callable[[], float] = time.time,
+        observer: FetchObserver | None = None,
     ) -> None:
         self.settings = settings
         self._session = session
         self._clock = clock
+        self._observer = observer
         self._keys: _KeySet | None = None
         self._jwks_uri = settings.jwks_uri
         self._refresh_at = 0.0  # the first use fetches
@@ -135,7 +145,7 @@ class IssuerKeys:
 
     async def prefetch(self) -> None:
         """Fetch the keys now; a failure is logged, never raised (start must not fail)."""
-        await self._refresh()
+        await self._refresh("prefetch")
 
     async def aclose(self) -> None:
         """Cancel a fetch in flight (call before the session closes)."""
@@ -153,10 +163,10 @@ class IssuerKeys:
         """
         now = self._clock()
         if now >= self._refresh_at:
-            await self._refresh()
+            await self._refresh("expired")
         elif self._missing(kid, algorithm) and now >= self._miss_allowed_at:
             self._miss_allowed_at = now + MISS_INTERVAL
-            await self._refresh()
+            await self._refresh("unknown_kid")
         elif self._missing(kid, algorithm) and self._inflight is not None:
             await self._join()  # a concurrent miss started the fetch: share it
         return self._select(kid, algorithm)
@@ -184,9 +194,9 @@ class IssuerKeys:
             raise InvalidToken("algorithm")
         return matching
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, reason: str) -> None:
         if self._inflight is None:
-            inflight = asyncio.ensure_future(self._fetch_and_store())
+            inflight = asyncio.ensure_future(self._fetch_and_store(reason))
             inflight.add_done_callback(self._fetch_done)
             self._inflight = inflight
         await self._join()
@@ -201,8 +211,9 @@ class IssuerKeys:
             # Shielded: one caller giving up (client gone) must not cancel everyone's fetch.
             await asyncio.shield(inflight)
 
-    async def _fetch_and_store(self) -> None:
+    async def _fetch_and_store(self, reason: str) -> None:
         self.fetches += 1
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(FETCH_TIMEOUT):
                 keys, ttl = await self._fetch()
@@ -217,10 +228,18 @@ class IssuerKeys:
                 _describe(exc),
                 "serving the cached keys" if self._keys is not None else "no keys yet",
             )
+            self._observe(reason, "error", started)
         else:
             self._keys = keys
             self._refresh_at = self._clock() + ttl
             log.info("issuer %s: %d keys, cached %ds", self.settings.name, len(keys.keys), ttl)
+            self._observe(reason, "ok", started)
+
+    def _observe(self, reason: str, outcome: str, started: float) -> None:
+        if self._observer is not None:
+            keys = None if self._keys is None else len(self._keys.keys)
+            seconds = time.perf_counter() - started
+            self._observer(self.settings.name, reason, outcome, seconds, keys)
 
     async def _fetch(self) -> tuple[_KeySet, float]:
         uri = self._jwks_uri or await self._discover()
@@ -382,12 +401,13 @@ class ExternalVerifier:
         session: SessionSource,
         clock: Callable[[], float] = time.time,
         default_leeway: float = 30.0,
+        observer: FetchObserver | None = None,
     ) -> None:
         self._issuers: dict[str, IssuerKeys] = {}
         for settings in issuers:
             if settings.issuer in self._issuers:
                 raise ValueError(f"issuer {settings.issuer!r} is configured twice")
-            self._issuers[settings.issuer] = IssuerKeys(settings, session, clock)
+            self._issuers[settings.issuer] = IssuerKeys(settings, session, clock, observer)
         self._clock = clock
         self._default_leeway = float(default_leeway)
 

@@ -6,7 +6,7 @@ statuses from HTTP. Nothing client-controlled becomes a label value.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 # Label for requests handled by the gateway itself rather than a configured route.
@@ -47,6 +47,34 @@ class Metrics:
             ["route", "kind"],
             registry=self.registry,
         )
+
+        self.jwks_fetches = Counter(
+            "gateway_jwks_fetches",
+            "External issuers' key-set fetches, by issuer, reason (prefetch, expired,"
+            " unknown_kid) and outcome (ok, error).",
+            ["issuer", "reason", "outcome"],
+            registry=self.registry,
+        )
+        self.jwks_fetch_duration = Histogram(
+            "gateway_jwks_fetch_duration_seconds",
+            "Time to fetch an external issuer's key set (discovery included), by issuer.",
+            ["issuer"],
+            registry=self.registry,
+        )
+        self.jwks_keys = Gauge(
+            "gateway_jwks_keys",
+            "Keys cached for each external issuer (0 until the first successful fetch).",
+            ["issuer"],
+            registry=self.registry,
+        )
+
+    def jwks_fetched(
+        self, issuer: str, reason: str, outcome: str, seconds: float, keys: int | None
+    ) -> None:
+        """A ``FetchObserver`` for ``gateway.issuers``; issuer names come from the config."""
+        self.jwks_fetches.labels(issuer, reason, outcome).inc()
+        self.jwks_fetch_duration.labels(issuer).observe(seconds)
+        self.jwks_keys.labels(issuer).set(keys or 0)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

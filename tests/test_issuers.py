@@ -1022,3 +1022,29 @@ def test_reprs_hold_no_key_material(provider: Provider, rsa_signer: Signer) -> N
     keys = verifier.issuers[0]
     key = issuers._parse_jwk(rsa_signer.jwk())
     assert rsa_signer.jwk()["n"] not in repr(key) + repr(keys) + repr(verifier)
+
+
+async def test_every_fetch_is_reported_with_its_reason_and_outcome(
+    provider: Provider, rsa_signer: Signer, session: aiohttp.ClientSession, clock: Clock
+) -> None:
+    seen: list[tuple[str, str, str, int | None]] = []
+
+    def observe(issuer: str, reason: str, outcome: str, seconds: float, keys: int | None) -> None:
+        assert 0 <= seconds < 5
+        seen.append((issuer, reason, outcome, keys))
+
+    verifier = ExternalVerifier([settings_for(provider)], session, clock=clock, observer=observe)
+    try:
+        await verifier.prefetch()
+        stranger = rsa_signer.rekeyed("nobody")
+        assert await refused(verifier, sign(stranger, claims_for(provider))) == "unknown_kid"
+        provider.status = 503
+        clock.now += 601  # past the default max-age: the next use refreshes, and fails
+        await verifier.verify(sign(rsa_signer, claims_for(provider, exp=int(NOW) + 10_000)))
+    finally:
+        await verifier.aclose()
+    assert seen == [
+        ("okta", "prefetch", "ok", 1),
+        ("okta", "unknown_kid", "ok", 1),
+        ("okta", "expired", "error", 1),  # the stale set keeps serving: still 1 key
+    ]

@@ -140,3 +140,16 @@ async def test_provider_roles_are_policy_like_local_ones(fresh_gateway, provider
             },
         ) as resp:
             assert resp.status == 200 and resp.headers["X-User-Id"] == "00u1abcd|okta"
+
+
+async def test_key_set_fetches_show_on_the_admin_metrics(fresh_gateway, provider) -> None:
+    gw = fresh_gateway(extra=issuer_config(provider))
+    bearer = {"Authorization": f"Bearer {provider.token()}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{gw.url}/api/orders", headers=bearer) as resp:
+            assert resp.status == 200
+        async with s.get(f"{gw.admin_url}/metrics") as resp:
+            metrics = await resp.text()
+    assert 'gateway_jwks_fetches_total{issuer="okta",outcome="ok",reason="prefetch"} 1.0' in metrics
+    assert 'gateway_jwks_keys{issuer="okta"} 1.0' in metrics
+    assert 'gateway_jwks_fetch_duration_seconds_count{issuer="okta"} 1.0' in metrics
