@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from gateway import accesslog
 from gateway import config as config_module
 from gateway.config import Settings
 from gateway.errors import ConfigError, GatewayError
@@ -39,11 +40,11 @@ def load_settings(path: str) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import serve
+    from gateway.lifecycle import serve
 
     settings = load_settings(args.config)
     _install_uvloop()
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, reload=lambda: load_settings(args.config)))
     return 0
 
 
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    accesslog.send_to(sys.stdout)  # JSON lines on stdout; everything else on stderr
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -1,0 +1,110 @@
+"""The access log: one JSON object per line, per request, written after the response is sent.
+
+A line holds what an operator needs to follow one request through the gateway and its
+upstream, and nothing a log reader could abuse: no tokens, no passwords, no cookies, no query
+strings (they may carry secrets). The client-chosen parts (the path, cut at 1 KiB, and the
+request id) are JSON-escaped, so one request is always exactly one line.
+
+The request handler notes what it learns on the request (``note_*`` below); aiohttp calls
+:class:`JsonAccessLogger` once the response is complete, so ``bytes`` is what was sent to the
+client, status line and headers included (nginx's ``$bytes_sent``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TextIO
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+
+from gateway.middleware import REQUEST_ID
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "AUTH",
+    "JsonAccessLogger",
+    "note_auth",
+    "note_route",
+    "send_to",
+    "note_upstream",
+]
+
+ACCESS_LOGGER = logging.getLogger("gateway.access")
+
+MAX_PATH = 1024  # a log line stays a line, not a megabyte
+
+# What the gateway found out about one request, noted on the request object.
+ROUTE = web.RequestKey("access_route", str)
+USER_ID = web.RequestKey("access_user_id", str)
+AUTH = web.RequestKey("access_auth", str)
+AUTH_REASON = web.RequestKey("access_auth_reason", str)
+UPSTREAM_SECONDS = web.RequestKey("access_upstream_seconds", float)
+
+
+def note_route(request: web.Request, route: str) -> None:
+    request[ROUTE] = route
+
+
+def note_auth(
+    request: web.Request, outcome: str, *, user_id: str | None = None, reason: str | None = None
+) -> None:
+    """``outcome``: ``ok`` (a verified caller), ``none`` (no credential looked at),
+    ``refused`` (401) or ``forbidden`` (403); ``reason`` the error code for the last two."""
+    request[AUTH] = outcome
+    if user_id is not None:
+        request[USER_ID] = user_id
+    if reason is not None:
+        request[AUTH_REASON] = reason
+
+
+def note_upstream(request: web.Request, seconds: float) -> None:
+    request[UPSTREAM_SECONDS] = seconds
+
+
+def send_to(stream: TextIO) -> None:
+    """Write access lines, bare (one JSON object each), to ``stream``; the gateway's other
+    logs stay on their own handler (stderr), so stdout is a clean stream of JSON lines."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ACCESS_LOGGER.handlers[:] = [handler]
+    ACCESS_LOGGER.setLevel(logging.INFO)
+    ACCESS_LOGGER.propagate = False
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """aiohttp's access-log hook, writing one JSON line to ``gateway.access``."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time_: float) -> None:
+        line = {
+            "time": _utc_now(),
+            "request_id": request.get(REQUEST_ID),
+            "remote": request.remote,
+            "method": request.method,
+            "path": request.rel_url.raw_path[:MAX_PATH],
+            "route": request.get(ROUTE),
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time_ * 1000, 3),
+            "upstream_ms": _ms(request.get(UPSTREAM_SECONDS)),
+            "user_id": request.get(USER_ID),
+            "auth": request.get(AUTH, "none"),
+            "auth_reason": request.get(AUTH_REASON),
+        }
+        self.logger.info(json.dumps(line, separators=(",", ":"), ensure_ascii=True))
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _utc_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
