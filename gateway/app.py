@@ -1,4 +1,4 @@
-"""The app: one request path from raw target to upstream, and the process that serves it.
+"""The app: one request path from raw target to upstream, swappable whole on reload.
 
 Every request is canonicalized once; the gateway's own endpoints are looked up on that
 canonical path, then the route table, then the route's policy, then the forwarder — which
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -18,10 +17,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import accesslog
 from gateway import headers as hdr
 from gateway.accounts import AccountService, open_store
 from gateway.config import Settings
-from gateway.errors import Forbidden, MethodNotAllowed, Unauthorized
+from gateway.errors import Forbidden, InvalidInput, MethodNotAllowed, Unauthorized
 from gateway.handlers import Handler, OwnEndpoints
 from gateway.identity import Identity
 from gateway.issuers import ExternalVerifier
@@ -42,7 +42,7 @@ from gateway.routing import (
     request_target,
     valid_host,
 )
-from gateway.server import DEFAULT_LIMITS, GatewayRunner
+from gateway.server import DEFAULT_LIMITS
 from gateway.tokens import KeyRing, TokenService
 
 log = logging.getLogger("gateway")
@@ -54,8 +54,19 @@ PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
 class Gateway:
     """The request path, built once from settings; holds no per-request state."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.draining = False  # set on shutdown: /readyz answers 503 from then on
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._background: list[asyncio.Task[None]] = []
         self.keyring = KeyRing.load(settings.tokens)
         self.tokens = TokenService(settings.tokens, self.keyring, clock=clock)
         self.store = open_store(settings.database.url)
@@ -69,10 +80,11 @@ class Gateway:
             route.name: tuple(dict.fromkeys(str(URL(u).origin()) for u in route.upstreams))
             for route in settings.routes
         }
+        self.cors_hook = make_cors_hook(settings.cors)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()  # one registry across reloads
         self.external = ExternalVerifier(
             settings.issuers,
             self._jwks_session,
@@ -88,29 +100,60 @@ class Gateway:
             client_ip=self.client_ip,
             identify=self.identify,
             verify_handler=self.forward_auth,
+            is_draining=lambda: self.draining,
         )
 
     # -- resources -------------------------------------------------------------------
 
-    async def resources(self, app: web.Application) -> AsyncIterator[None]:
-        """``cleanup_ctx``: open the store and upstream pool, close them on shutdown."""
+    async def start(self) -> None:
+        """Open the store and the upstream pool; start housekeeping and the key prefetch."""
         await self.store.open()
         await self.forwarder.start()
-        housekeeping = asyncio.create_task(self._prune_forever())
-        # Issuers' keys are fetched in the background: a provider that is down must not stop
-        # the gateway from starting (its tokens get 401 until the keys arrive).
-        prefetch = asyncio.create_task(self.external.prefetch())
+        self._background = [
+            asyncio.create_task(self._prune_forever()),
+            # Issuers' keys are fetched in the background: a provider that is down must not
+            # stop the gateway from starting (its tokens get 401 until the keys arrive).
+            asyncio.create_task(self.external.prefetch()),
+        ]
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.external.aclose()
+        if self._issuer_session is not None:
+            await self._issuer_session.close()
+        await self.forwarder.close()
+        await self.store.close()
+        self.hasher.close()
+
+    async def resources(self, app: web.Application) -> AsyncIterator[None]:
+        """``cleanup_ctx`` for an app serving this gateway alone (tests, tools)."""
+        await self.start()
         try:
             yield
         finally:
-            housekeeping.cancel()
-            prefetch.cancel()
-            await self.external.aclose()
-            if self._issuer_session is not None:
-                await self._issuer_session.close()
-            await self.forwarder.close()
-            await self.store.close()
-            self.hasher.close()
+            await self.close()
+
+    # -- in-flight requests: what a reload or a shutdown waits for ----------------------
+
+    def enter(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def retire(self, grace: float) -> None:
+        """Close once the requests in flight are done, or after ``grace`` seconds."""
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("%d requests still in flight after %.0fs; closing", self._in_flight, grace)
+        await self.close()
 
     def _jwks_session(self) -> aiohttp.ClientSession:
         """The session for issuers' discovery and JWKS, made on first use. No cookie jar: a
@@ -174,7 +217,10 @@ class Gateway:
             status = response.status
             return response
         except (Unauthorized, Forbidden) as err:
-            self.metrics.auth_failures.labels(getattr(err, "reason", err.code)).inc()
+            reason = getattr(err, "reason", err.code)
+            self.metrics.auth_failures.labels(reason).inc()
+            outcome = "refused" if isinstance(err, Unauthorized) else "forbidden"
+            accesslog.note_auth(request, outcome, reason=reason)
             status = err.status
             raise
         except web.HTTPException as exc:
@@ -184,6 +230,7 @@ class Gateway:
             status = getattr(err, "status", 500)
             raise
         finally:
+            accesslog.note_route(request, label)
             self.metrics.requests.labels(label, str(status)).inc()
             self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
 
@@ -201,6 +248,8 @@ class Gateway:
         route = match.route
         token = None if route.auth == "public" else self._bearer(request)
         identity = decide(route, await self.identify(token) if token is not None else None)
+        if identity is not None:
+            accesslog.note_auth(request, "ok", user_id=identity.id)
         upstream_headers = self._upstream_headers(request, identity, match, host)
         started = time.perf_counter()
         try:
@@ -224,7 +273,9 @@ class Gateway:
                 self.metrics.upstream_errors.labels(route.name, kind).inc()
             raise
         finally:
-            self.metrics.upstream_duration.labels(route.name).observe(time.perf_counter() - started)
+            upstream_seconds = time.perf_counter() - started
+            accesslog.note_upstream(request, upstream_seconds)
+            self.metrics.upstream_duration.labels(route.name).observe(upstream_seconds)
 
     def _bearer(self, request: web.Request) -> str | None:
         return bearer_token(request.headers.getall("Authorization", []))
@@ -267,16 +318,20 @@ class Gateway:
     # -- forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth) ----
 
     async def forward_auth(self, request: web.Request) -> web.Response:
-        """``GET {p}/verify``: the policy of the route the proxy is asking about."""
+        """``GET {p}/verify``: the policy of the route the proxy is asking about.
+
+        The target comes from Traefik's and Caddy's ``X-Forwarded-Method``/``-Uri`` or from
+        nginx's ``X-Original-Method``/``-URI``. Proxies pass client headers on, so one family
+        may be the client's own: when the two (or two copies of one) disagree, the request is
+        refused rather than one of them believed, else a forged ``X-Forwarded-Uri: /public``
+        would open a protected location behind an nginx that forgot to clear it (and a forged
+        ``X-Original-URI`` the same behind Traefik).
+        """
         token = self._bearer(request)
-        original_uri = request.headers.get("X-Forwarded-Uri") or request.headers.get(
-            "X-Original-URI"
-        )
+        original_uri = _one_target(request, "X-Forwarded-Uri", "X-Original-URI", "URI")
         if original_uri:
             method = (
-                request.headers.get("X-Forwarded-Method")
-                or request.headers.get("X-Original-Method")
-                or "GET"
+                _one_target(request, "X-Forwarded-Method", "X-Original-Method", "method") or "GET"
             )
             host = valid_host(request.headers.get("X-Forwarded-Host")) or valid_host(
                 request.headers.get("Host")
@@ -297,12 +352,93 @@ class Gateway:
         return web.Response(status=200, headers=headers)
 
 
+def _one_target(request: web.Request, forwarded: str, original: str, what: str) -> str | None:
+    """The one value every non-empty copy of ``forwarded`` and ``original`` agrees on.
+
+    Methods compare case-insensitively (they are upper-cased for routing anyway); URIs
+    exactly. Raises ``InvalidInput`` (400) when they disagree; ``None`` when none is given.
+    """
+    values = [
+        value.strip()
+        for name in (forwarded, original)
+        for value in request.headers.getall(name, [])
+        if value.strip()
+    ]
+    distinct = {value.upper() if what == "method" else value for value in values}
+    if len(distinct) > 1:
+        raise InvalidInput(
+            f"The forward-auth request names more than one target {what}: "
+            f"the copies of {forwarded} / {original} disagree."
+        )
+    return values[0] if values else None
+
+
+class LiveGateway:
+    """The gateway that new requests go to. A reload builds a whole new :class:`Gateway`
+    from the new settings and swaps it in at once: a request is served start to end by one
+    gateway, old or new, never a mix; the replaced one closes its store and pools once its
+    last request is done (or after ``grace``)."""
+
+    def __init__(
+        self, gateway: Gateway, *, grace: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.current = gateway
+        self._grace = grace
+        self._clock = clock
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        gateway = self.current
+        request[SERVED_BY] = gateway
+        gateway.enter()
+        try:
+            return await gateway.handle(request)
+        finally:
+            gateway.leave()
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """CORS as configured for the gateway that served the request (errors included)."""
+        gateway = request.get(SERVED_BY) or self.current
+        await gateway.cors_hook(request, response)
+
+    async def replace(self, settings: Settings) -> None:
+        """Start a gateway on ``settings`` and send new requests to it. Raises (and keeps the
+        current one) if the new one cannot start, e.g. its database is unreachable."""
+        new = Gateway(settings, clock=self._clock, metrics=self.current.metrics)
+        try:
+            await new.start()
+        except BaseException:
+            await new.close()
+            raise
+        old, self.current = self.current, new
+        retiring = asyncio.create_task(old.retire(self._grace))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
+
+    def drain(self) -> None:
+        """Shutting down: ``/readyz`` says 503 to whoever still asks."""
+        self.current.draining = True
+
+    async def resources(self, app: web.Application) -> AsyncIterator[None]:
+        """``cleanup_ctx``: start the first gateway; at shutdown close whichever serves."""
+        await self.current.start()
+        try:
+            yield
+        finally:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+            await self.current.close()
+
+
 GATEWAY = web.AppKey("gateway", Gateway)
+LIVE = web.AppKey("live", LiveGateway)
+SERVED_BY = web.RequestKey("served_by", Gateway)
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
-    """The public application. ``app[GATEWAY]`` exposes the wired parts to the CLI and tests."""
+    """The public application. ``app[LIVE].current`` is the gateway serving new requests;
+    ``app[GATEWAY]`` is the one it started with (for tools and tests)."""
     gateway = Gateway(settings, clock=clock)
+    live = LiveGateway(gateway, grace=settings.server.shutdown_grace, clock=clock)
     app = web.Application(
         middlewares=[problem_middleware],
         client_max_size=settings.server.max_body_size,
@@ -310,11 +446,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         handler_args=DEFAULT_LIMITS.handler_args(),
     )
     app[GATEWAY] = gateway
+    app[LIVE] = live
     app[METRICS] = gateway.metrics
-    app.cleanup_ctx.append(gateway.resources)
-    app.on_response_prepare.append(make_cors_hook(settings.cors))
+    app.cleanup_ctx.append(live.resources)
+    app.on_response_prepare.append(live.on_response_prepare)
     # [\s\S]: also paths with an (encoded) newline reach the handler, which refuses them.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", gateway.handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", live.handle)
     return app
 
 
@@ -332,33 +469,3 @@ def create_admin_app(metrics: Metrics) -> web.Application:
     admin.router.add_get("/metrics", render_metrics)
     admin.router.add_get("/healthz", healthz)
     return admin
-
-
-async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGINT/SIGTERM, then stop accepting and let in-flight requests finish."""
-    if settings.server.workers != 1:
-        # Several processes on one port arrive with scale-out; say so rather than pretend.
-        log.warning("server.workers=%d: this version runs one process", settings.server.workers)
-    app = create_app(settings)
-    runners = [GatewayRunner(app, shutdown_timeout=settings.server.shutdown_grace)]
-    if settings.server.admin is not None:
-        runners.append(GatewayRunner(create_admin_app(app[METRICS])))
-    for runner in runners:
-        await runner.setup()
-    server = settings.server
-    await web.TCPSite(runners[0], server.host, server.port, backlog=1024).start()
-    if server.admin is not None:
-        await web.TCPSite(runners[1], server.admin.host, server.admin.port).start()
-    log.info("gateway listening on http://%s:%d", server.host, server.port)
-    if ready is not None:
-        ready()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("gateway stopping: draining in-flight requests")
-        for runner in reversed(runners):
-            await runner.cleanup()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import yarl
 from aiohttp import web
 
-from gateway.app import serve
 from gateway.config import Settings
 from gateway.echo import create_echo_app
+from gateway.lifecycle import serve
 
 
 def walkthrough(settings: Settings) -> str:

@@ -142,8 +142,10 @@ class OwnEndpoints:
         client_ip: ClientIp,
         identify: Identify,
         verify_handler: Handler,
+        is_draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
+        self.is_draining = is_draining
         self.accounts = accounts
         self.tokens = tokens
         self.keyring = keyring
@@ -260,6 +262,8 @@ class OwnEndpoints:
         return web.json_response({"status": "ok"}, headers=NO_STORE)
 
     async def readyz(self, request: web.Request) -> web.Response:
+        if self.is_draining():
+            raise ServiceUnavailable("The gateway is shutting down.")
         try:
             await self.accounts.ping()
         except Exception as exc:  # any failure to reach the store means "not ready"

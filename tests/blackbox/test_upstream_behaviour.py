@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,55 +29,13 @@ from tests.blackbox.conftest import (
     free_port,
     launch_gateway,
     stop_process,
-    wait_until_up,
 )
+from tests.blackbox.upstreams import Upstream, start_upstream
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 LIMIT = 1 * MiB
 FORGED = "forged-admin"
-
-
-@dataclass
-class Upstream:
-    name: str
-    url: str
-    port: int
-
-    async def counters(self, path: str) -> dict[str, Any] | None:
-        """What the upstream saw on ``path`` (None: no request ever arrived there)."""
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"{self.url}/__counters") as resp:
-                everything: dict[str, dict[str, Any]] = await resp.json()
-        return everything.get(path)
-
-    async def settled(self, path: str, timeout: float = 5.0) -> dict[str, Any] | None:
-        """The counters once no request on ``path`` is in flight any more."""
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = await self.counters(path)
-            if stats is None or stats["open"] == 0 or time.monotonic() > deadline:
-                return stats
-            await asyncio.sleep(0.05)
-
-
-def start_upstream(name: str, log: Path) -> tuple[Upstream, subprocess.Popen[bytes]]:
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.blackbox.upstreams", "--port", str(port), "--name", name],
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=out,
-            env=env,
-        )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/ready", proc)
-    except RuntimeError:
-        stop_process(proc)
-        raise
-    return Upstream(name, f"http://127.0.0.1:{port}", port), proc
 
 
 @pytest.fixture(scope="module")

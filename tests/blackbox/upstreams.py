@@ -30,10 +30,21 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 from aiohttp import WSMsgType, web
+
+from tests.blackbox.conftest import free_port, stop_process, wait_until_up
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -185,6 +196,51 @@ def create_app(name: str) -> web.Application:
     app.on_response_prepare.append(_tag)
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     return app
+
+
+# -- driving it from a test ------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    name: str
+    url: str
+    port: int
+
+    async def counters(self, path: str) -> dict[str, Any] | None:
+        """What the upstream saw on ``path`` (None: no request ever arrived there)."""
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{self.url}/__counters") as resp:
+                everything: dict[str, dict[str, Any]] = await resp.json()
+        return everything.get(path)
+
+    async def settled(self, path: str, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The counters once no request on ``path`` is in flight any more."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = await self.counters(path)
+            if stats is None or stats["open"] == 0 or time.monotonic() > deadline:
+                return stats
+            await asyncio.sleep(0.05)
+
+
+def start_upstream(name: str, log: Path) -> tuple[Upstream, subprocess.Popen[bytes]]:
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.blackbox.upstreams", "--port", str(port), "--name", name],
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ready", proc)
+    except RuntimeError:
+        stop_process(proc)
+        raise
+    return Upstream(name, f"http://127.0.0.1:{port}", port), proc
 
 
 def main() -> None:
