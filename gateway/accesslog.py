@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import TextIO
 
@@ -35,6 +36,7 @@ __all__ = [
 
 ACCESS_LOGGER = logging.getLogger("gateway.access")
 
+_PID = os.getpid()
 MAX_PATH = 1024  # a log line stays a line, not a megabyte
 
 # What the gateway found out about one request, noted on the request object.
@@ -82,6 +84,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         line = {
             "time": _utc_now(),
             "request_id": request.get(REQUEST_ID),
+            "pid": _PID,  # which worker, when there are several
             "remote": request.remote,
             "method": request.method,
             "path": request.rel_url.raw_path[:MAX_PATH],

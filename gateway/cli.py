@@ -41,10 +41,15 @@ def load_settings(path: str) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.lifecycle import serve
+    from gateway.workers import WORKER_ENV, Supervisor, worker_count
 
     settings = load_settings(args.config)
     _install_uvloop()
-    asyncio.run(serve(settings, reload=lambda: load_settings(args.config)))
+    reread = lambda: load_settings(args.config)  # noqa: E731 - SIGHUP reads the same file
+    is_worker = WORKER_ENV in os.environ
+    if not is_worker and worker_count(settings.server.workers) > 1:
+        return asyncio.run(Supervisor(args.config, settings, reread).run())
+    asyncio.run(serve(settings, reload=reread, worker=is_worker))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from gateway.app import LIVE, METRICS, LiveGateway, create_admin_app, create_app
 from gateway.config import ServerSettings, Settings
 from gateway.errors import ConfigError
 from gateway.server import GatewayRunner
+from gateway.workers import SUPERVISOR_ENV
 
 __all__ = ["serve"]
 
@@ -39,13 +41,15 @@ async def serve(
     *,
     reload: Callable[[], Settings] | None = None,
     ready: Callable[[], None] | None = None,
+    worker: bool = False,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; ``reload`` (called on SIGHUP) reads the config again."""
-    if settings.server.workers != 1:
-        # Several processes on one port arrive with scale-out; say so rather than pretend.
-        log.warning("server.workers=%d: this version runs one process", settings.server.workers)
+    """Serve until SIGTERM/SIGINT; ``reload`` (called on SIGHUP) reads the config again.
+
+    A ``worker`` (of ``gateway.workers``) shares the port with its siblings (SO_REUSEPORT),
+    leaves the admin listener to its supervisor, and drains if the supervisor goes away.
+    """
     app = create_app(settings)
-    runners = await _listen(app, settings.server)
+    runners = await _listen(app, settings.server, worker=worker)
     log.info("gateway listening on http://%s:%d", settings.server.host, settings.server.port)
     if ready is not None:
         ready()
@@ -53,12 +57,15 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(stop)) if worker else None
     reloader = Reloader(app[LIVE], reload) if reload is not None else None
     if reloader is not None:
         loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
     try:
         await stop.wait()
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         log.info("gateway stopping: draining in-flight requests")
         app[LIVE].drain()
         if reloader is not None:
@@ -69,7 +76,19 @@ async def serve(
         log.info("gateway stopped")
 
 
-async def _listen(app: web.Application, server: ServerSettings) -> list[GatewayRunner]:
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    # The supervisor's pid from the environment, not getppid() now: a worker still starting
+    # when its supervisor died has already been handed to another parent.
+    supervisor = int(os.environ.get(SUPERVISOR_ENV, "0")) or os.getppid()
+    while os.getppid() == supervisor:
+        await asyncio.sleep(1)
+    log.error("worker: the supervisor is gone; draining")
+    stop.set()
+
+
+async def _listen(
+    app: web.Application, server: ServerSettings, *, worker: bool
+) -> list[GatewayRunner]:
     public = GatewayRunner(
         app,
         shutdown_timeout=server.shutdown_grace,
@@ -78,8 +97,9 @@ async def _listen(app: web.Application, server: ServerSettings) -> list[GatewayR
     )
     runners = [public]
     await public.setup()
-    await web.TCPSite(public, server.host, server.port, backlog=1024).start()
-    if server.admin is not None:
+    site = web.TCPSite(public, server.host, server.port, backlog=1024, reuse_port=worker or None)
+    await site.start()
+    if server.admin is not None and not worker:
         admin = GatewayRunner(create_admin_app(app[METRICS]))
         runners.append(admin)
         await admin.setup()

@@ -66,6 +66,7 @@ class Metrics:
             "Keys cached for each external issuer (0 until the first successful fetch).",
             ["issuer"],
             registry=self.registry,
+            multiprocess_mode="max",  # workers each hold a copy; any one of them tells
         )
 
     def jwks_fetched(
