@@ -23,7 +23,8 @@ PASSWORD = "correct horse battery"
 LEAKS = re.compile(
     r"Traceback \(most recent call last\)|File \"/|\.py\", line \d"
     r"|/(?:home|root|tmp|usr|etc|var|srv|work)/[\w./-]+"
-    r"|[\w/-]+\.(?:py|pem|db|sqlite3?|yaml)\b"
+    # A file name, but not a JWT segment that happens to start "db" or "py" after its dot.
+    r"|(?<![\w.-])[\w/-]+\.(?:py|pem|db|sqlite3?|yaml)(?![\w-])"
     r"|\b(?:SELECT|INSERT INTO|DELETE FROM|UPDATE \w+ SET|CREATE TABLE)\b"
     r"|sqlite3|aiosqlite|asyncpg|OperationalError|IntegrityError|ProgrammingError"
     r"|PRIVATE KEY|BEGIN [A-Z ]+-----|\"(?:d|p|q|dp|dq|qi|k)\"\s*:"
