@@ -342,31 +342,43 @@ def max_age(cache_control: str | None) -> float:
 def _parse_jwks(document: Any) -> _KeySet:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise JwksUnavailable("not a JWK set")
-    keys = [key for jwk in document["keys"][:MAX_KEYS] if (key := _parse_jwk(jwk)) is not None]
+    keys, skipped = [], []
+    for jwk in document["keys"][:MAX_KEYS]:
+        parsed = _parse_jwk(jwk)
+        if isinstance(parsed, _Key):
+            keys.append(parsed)
+        else:
+            skipped.append(parsed)
     if not keys:
-        raise JwksUnavailable("no usable signing key")
+        # Say why: a provider that publishes key_ops ["sign"] is a common misconfiguration.
+        reasons = "; ".join(sorted(set(skipped))) or "the set is empty"
+        raise JwksUnavailable(f"no usable signing key ({reasons})")
     return _KeySet(tuple(keys))
 
 
-def _parse_jwk(jwk: Any) -> _Key | None:
-    """One usable verification key, or None for anything else (skipped, not fatal)."""
-    if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
-        return None
+def _parse_jwk(jwk: Any) -> _Key | str:
+    """One usable verification key, or why this one is skipped (never fatal: others may do)."""
+    if not isinstance(jwk, dict):
+        return "a key that is not an object"
+    if jwk.get("use", "sig") != "sig":
+        return "use is not sig"
     ops = jwk.get("key_ops")
     if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-        return None
+        return "key_ops without verify"
     kid = jwk.get("kid")
     algorithm = _key_algorithm(jwk)
-    if algorithm is None or (kid is not None and not isinstance(kid, str)):
-        return None
+    if algorithm is None:
+        return "an algorithm, type or curve this gateway does not verify"
+    if kid is not None and not isinstance(kid, str):
+        return "a kid that is not a string"
     kty = jwk["kty"]
     public = {"kty": kty, **{m: jwk[m] for m in _PUBLIC_MEMBERS[kty] if m in jwk}}
     try:
         parsed = jwt.PyJWK(public, algorithm=algorithm)
     except Exception:  # untrusted input: a key that does not parse is skipped, whatever the cause
-        return None
+        return "a key that does not parse"
     if kty == "RSA" and not MIN_RSA_BITS <= parsed.key.key_size <= MAX_RSA_BITS:
-        return None
+        return f"an RSA key outside {MIN_RSA_BITS}-{MAX_RSA_BITS} bits"
     return _Key(kid, algorithm, parsed)
 
 

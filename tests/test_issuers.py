@@ -1007,14 +1007,19 @@ def _jwk_variants(rsa_keys: list[Any]) -> dict[str, tuple[dict[str, Any], bool]]
 def test_jwk_filter(rsa_keys: list[Any]) -> None:
     for name, (jwk, usable) in _jwk_variants(rsa_keys).items():
         parsed = issuers._parse_jwk(jwk)
-        assert (parsed is not None) is usable, name
-        if parsed is not None:
+        assert isinstance(parsed, issuers._Key) is usable, (name, parsed)
+        if isinstance(parsed, issuers._Key):
             assert isinstance(parsed.jwk.key, rsa.RSAPublicKey), name  # never a private key
 
 
-def test_a_set_without_usable_keys_is_unavailable() -> None:
-    with pytest.raises(JwksUnavailable):
+def test_a_set_without_usable_keys_is_unavailable_and_says_why(rsa_keys: list[Any]) -> None:
+    with pytest.raises(JwksUnavailable, match="algorithm, type or curve"):
         issuers._parse_jwks({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]})
+    signing_only = {**_jwk_variants(rsa_keys)["use-absent"][0], "key_ops": ["sign"]}
+    with pytest.raises(JwksUnavailable, match=r"no usable signing key \(key_ops without verify\)"):
+        issuers._parse_jwks({"keys": [signing_only]})
+    with pytest.raises(JwksUnavailable, match="the set is empty"):
+        issuers._parse_jwks({"keys": []})
 
 
 def test_reprs_hold_no_key_material(provider: Provider, rsa_signer: Signer) -> None:
