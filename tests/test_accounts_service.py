@@ -1,4 +1,5 @@
-"""The account service with real parts: a SQLite file, bcrypt (4 rounds), HS256 tokens.
+"""The account service with real parts: bcrypt (4 rounds), HS256 tokens, and each store
+backend on a real database (a SQLite file; a PostgreSQL server, see tests/pg.py).
 
 Time is a fake clock shared by the service and the token service; nothing sleeps.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from gateway.accounts.models import TokenPair, User
 from gateway.accounts.service import AccountService
 from gateway.accounts.sqlite import SqliteStore
-from gateway.accounts.store import StoreUnavailable
+from gateway.accounts.store import StoreUnavailable, open_store
 from gateway.config import AccountSettings, Rate, Secret, TokenSettings
 from gateway.errors import (
     EmailTaken,
@@ -29,6 +30,9 @@ from gateway.errors import (
 )
 from gateway.passwords import PasswordHasher
 from gateway.tokens import KeyRing, TokenService
+from tests.pg import PgServer, query
+
+pytest_plugins = ["tests.pg"]
 
 T0 = 1_800_000_000.0
 IP = "192.0.2.10"
@@ -81,9 +85,10 @@ class CountingHasher(PasswordHasher):
 
 
 class Env:
-    def __init__(self, tmp_path: Path, accounts: AccountSettings, tokens: TokenSettings) -> None:
+    def __init__(self, url: str, accounts: AccountSettings, tokens: TokenSettings) -> None:
+        self.url = url
         self.clock = Clock()
-        self.store = SqliteStore(tmp_path / "gw.db")
+        self.store = open_store(url)
         self.hasher = CountingHasher(4)
         self.tokens = TokenService(tokens, KeyRing.load(tokens), clock=self.clock)
         self.service = AccountService(
@@ -100,16 +105,30 @@ class Env:
 
 
 async def make_env(
-    tmp_path: Path, accounts: AccountSettings = ACCOUNTS, tokens: TokenSettings = TOKENS
+    url: str, accounts: AccountSettings = ACCOUNTS, tokens: TokenSettings = TOKENS
 ) -> Env:
-    env = Env(tmp_path, accounts, tokens)
+    env = Env(url, accounts, tokens)
     await env.store.open()
     return env
 
 
 @pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
+async def make(
+    db_url: str, db_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
+    """Environments of the parametrized backend; the first on ``db_url``, any further one
+    on a database of its own."""
     envs: list[Env] = []
+    extra: list[str] = []
+
+    async def fresh_url() -> str:
+        if not envs:
+            return db_url
+        if db_backend == "sqlite":
+            return f"sqlite:///{tmp_path / str(len(envs)) / 'gw.db'}"
+        server: PgServer = request.getfixturevalue("pg_server")
+        extra.append(server.create_database(migrated=True))
+        return extra[-1]
 
     async def factory(**changes: object) -> Env:
         accounts = dataclasses.replace(
@@ -118,7 +137,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
         tokens = dataclasses.replace(
             TOKENS, **{k: v for k, v in changes.items() if k in _fields(TokenSettings)}
         )
-        env = await make_env(tmp_path / str(len(envs)), accounts, tokens)
+        env = await make_env(await fresh_url(), accounts, tokens)
         envs.append(env)
         return env
 
@@ -126,6 +145,8 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
     for env in envs:
         await env.store.close()
         env.hasher.close()
+    for url in extra:
+        request.getfixturevalue("pg_server").drop_database(url)
 
 
 @pytest.fixture
@@ -178,11 +199,19 @@ async def test_register_login_profile(env: Env) -> None:
 async def test_refresh_token_is_stored_only_as_a_hash(env: Env) -> None:
     await env.user()
     pair = await env.login()
-    with open(env.store.path, "rb") as db:
-        raw = db.read()
-    wal = Path(env.store.path + "-wal")
-    raw += wal.read_bytes() if wal.exists() else b""
-    assert pair.refresh_token.encode() not in raw
+    if isinstance(env.store, SqliteStore):
+        with open(env.store.path, "rb") as db:
+            raw = db.read()
+        wal = Path(env.store.path + "-wal")
+        raw += wal.read_bytes() if wal.exists() else b""
+        assert pair.refresh_token.encode() not in raw
+        return
+    # PostgreSQL: every stored value of the refresh tables, as text.
+    rows = await query(env.url, "SELECT t::text FROM refresh_tokens t")
+    rows += await query(env.url, "SELECT f::text FROM refresh_families f")
+    stored = " ".join(str(row[0]) for row in rows)
+    assert pair.refresh_token not in stored
+    assert hashlib.sha256(pair.refresh_token.encode()).hexdigest() in stored  # the control
 
 
 @pytest.mark.parametrize(
@@ -738,9 +767,8 @@ async def test_prune_forgets_old_events_and_expired_tokens(env: Env) -> None:
     pair = await env.login()  # still valid after pruning
     env.clock.advance(1)
     await env.service.prune()
-    with sqlite3.connect(env.store.path) as conn:
-        events = conn.execute("SELECT COUNT(*) FROM rate_events").fetchone()[0]
-        tokens = conn.execute("SELECT COUNT(*) FROM refresh_tokens").fetchone()[0]
+    [(events,)] = await query(env.url, "SELECT COUNT(*) FROM rate_events")
+    [(tokens,)] = await query(env.url, "SELECT COUNT(*) FROM refresh_tokens")
     # Every event is older than any window; of the two sessions only the live one remains.
     assert (events, tokens) == (0, 1)
     await env.service.refresh(pair.refresh_token)

@@ -1,4 +1,10 @@
-"""The SQLite account store on a real file: schema, uniqueness, atomic spends, counters."""
+"""The account stores on real databases: schema, uniqueness, atomic spends, counters.
+
+The behaviour tests run against both backends (``db_url``: a SQLite file and a database on a
+real PostgreSQL server, see tests/pg.py); file- and SQLite-specific ones use ``SqliteStore``.
+What only PostgreSQL can show (replicas racing, a server stopped) is in
+test_accounts_postgres.py.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from gateway.accounts.models import RefreshRecord, User
+from gateway.accounts.postgres import PostgresStore
 from gateway.accounts.sqlite import MIGRATIONS, SqliteStore
 from gateway.accounts.store import (
+    AccountStore,
     StoreError,
     StoreUnavailable,
     UnsupportedDatabase,
@@ -19,6 +27,9 @@ from gateway.accounts.store import (
     sqlite_path,
 )
 from gateway.errors import EmailTaken, ServiceUnavailable
+from tests.pg import query
+
+pytest_plugins = ["tests.pg"]
 
 
 def make_user(n: int = 1, *, email_key: str | None = None, at: float = 1000.0) -> User:
@@ -40,8 +51,9 @@ def make_refresh(token: str, user: User, family: str, *, at: float = 1000.0) -> 
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "nested" / "dir" / "gateway.db")
+async def store(db_url: str) -> AsyncIterator[AccountStore]:
+    """An open store of each backend, on a fresh database."""
+    s = open_store(db_url)
     await s.open()
     yield s
     await s.close()
@@ -64,11 +76,28 @@ def test_open_store_picks_sqlite_by_scheme(url: str, path: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://admin:hunter2@db:5432/gw", "postgresql://admin@db:5432/gw"),
+        ("postgres://admin:hunter2@db/gw", "postgres://admin@db/gw"),
+        ("PostgreSQL://admin:hunter2@db/gw?sslmode=require", "postgresql://admin@db/gw"),
+        ("postgresql://admin:hunter2@[::1]:5433/gw", "postgresql://admin@[::1]:5433/gw"),
+        ("postgresql:///gw?password=hunter2", "postgresql://localhost/gw"),
+        ("postgresql://admin:hun/ter2@db/gw", "postgresql://(unparsable URL)"),  # unencoded "/"
+        ("postgresql://admin:123/ter2@db/gw", "postgresql://(unparsable URL)"),
+    ],
+)
+def test_open_store_picks_postgres_by_scheme_and_hides_the_password(url: str, shown: str) -> None:
+    store = open_store(url)
+    assert isinstance(store, PostgresStore)
+    assert repr(store).startswith(f"PostgresStore('{shown}")
+    assert "hunter2" not in repr(store) and "ter2" not in repr(store) and "123" not in repr(store)
+
+
+@pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql://admin:hunter2@db:5432/gw", "PostgreSQL support arrives with scale-out"),
-        ("postgres://admin:hunter2@db/gw", "PostgreSQL support arrives with scale-out"),
-        ("postgresql+asyncpg://admin:hunter2@db/gw", "PostgreSQL support arrives with scale-out"),
+        ("postgresql+asyncpg://admin:hunter2@db/gw", "use postgresql://"),
         ("mysql://admin:hunter2@db/gw", "unsupported database scheme 'mysql'"),
         ("gateway.db", "sqlite:///"),
         ("sqlite://", "sqlite:///relative.db"),
@@ -150,7 +179,7 @@ async def test_garbage_file_is_unavailable_not_a_crash(tmp_path: Path) -> None:
     assert isinstance(info.value.__cause__, StoreUnavailable)
 
 
-async def test_closed_store_is_unavailable(store: SqliteStore) -> None:
+async def test_closed_store_is_unavailable(store: AccountStore) -> None:
     await store.ping()
     await store.close()
     with pytest.raises(StoreUnavailable) as info:
@@ -159,7 +188,7 @@ async def test_closed_store_is_unavailable(store: SqliteStore) -> None:
     assert "SELECT" not in info.value.detail
 
 
-async def test_user_round_trip_and_lookups(store: SqliteStore) -> None:
+async def test_user_round_trip_and_lookups(store: AccountStore) -> None:
     users = [make_user(n) for n in (3, 1, 2)]
     for user in users:
         await store.create_user(user)
@@ -170,7 +199,7 @@ async def test_user_round_trip_and_lookups(store: SqliteStore) -> None:
     assert [u.id for u in await store.list_users()] == [make_user(n).id for n in (1, 2, 3)]
 
 
-async def test_update_user_changes_only_given_fields(store: SqliteStore) -> None:
+async def test_update_user_changes_only_given_fields(store: AccountStore) -> None:
     user = make_user(1)
     await store.create_user(user)
     updated = await store.update_user(user.id, roles=("ops",), disabled=True)
@@ -187,14 +216,14 @@ async def test_update_user_changes_only_given_fields(store: SqliteStore) -> None
     assert await store.update_user("missing", disabled=True) is None
 
 
-async def test_duplicate_email_key_is_refused(store: SqliteStore) -> None:
+async def test_duplicate_email_key_is_refused(store: AccountStore) -> None:
     await store.create_user(make_user(1, email_key="same@example.com"))
     with pytest.raises(EmailTaken):
         await store.create_user(make_user(2, email_key="same@example.com"))
     assert len(await store.list_users()) == 1
 
 
-async def test_concurrent_creates_of_one_email_make_exactly_one_user(store: SqliteStore) -> None:
+async def test_concurrent_creates_of_one_email_make_exactly_one_user(store: AccountStore) -> None:
     results = await asyncio.gather(
         *(store.create_user(make_user(n, email_key="race@example.com")) for n in range(20)),
         return_exceptions=True,
@@ -220,7 +249,7 @@ async def test_two_connections_to_one_file_share_the_unique_constraint(tmp_path:
         await second.close()
 
 
-async def test_refresh_round_trip(store: SqliteStore) -> None:
+async def test_refresh_round_trip(store: AccountStore) -> None:
     user = make_user(1)
     await store.create_user(user)
     record = make_refresh("h1", user, "fam")
@@ -229,7 +258,7 @@ async def test_refresh_round_trip(store: SqliteStore) -> None:
     assert await store.get_refresh("unknown") is None
 
 
-async def test_spend_refresh_once(store: SqliteStore) -> None:
+async def test_spend_refresh_once(store: AccountStore) -> None:
     user = make_user(1)
     await store.create_user(user)
     await store.add_refresh(make_refresh("h1", user, "fam"))
@@ -240,7 +269,7 @@ async def test_spend_refresh_once(store: SqliteStore) -> None:
     assert await store.spend_refresh("unknown", 1010.0) is False
 
 
-async def test_spend_refresh_is_atomic_under_gather(store: SqliteStore) -> None:
+async def test_spend_refresh_is_atomic_under_gather(store: AccountStore) -> None:
     user = make_user(1)
     await store.create_user(user)
     await store.add_refresh(make_refresh("h1", user, "fam"))
@@ -253,7 +282,7 @@ async def test_spend_refresh_is_atomic_under_gather(store: SqliteStore) -> None:
     [("family", 1010.0), ("user", 1010.0), (None, 1100.0), (None, 1200.0)],
 )
 async def test_spend_refuses_revoked_or_expired(
-    store: SqliteStore, revoke: str | None, now: float
+    store: AccountStore, revoke: str | None, now: float
 ) -> None:
     user = make_user(1)
     await store.create_user(user)
@@ -265,7 +294,7 @@ async def test_spend_refuses_revoked_or_expired(
     assert await store.spend_refresh("h1", now) is False
 
 
-async def test_revocation_covers_tokens_added_later(store: SqliteStore) -> None:
+async def test_revocation_covers_tokens_added_later(store: AccountStore) -> None:
     user = make_user(1)
     await store.create_user(user)
     await store.add_refresh(make_refresh("h1", user, "fam"))
@@ -276,7 +305,7 @@ async def test_revocation_covers_tokens_added_later(store: SqliteStore) -> None:
     assert await store.spend_refresh("h2", 1007.0) is False
 
 
-async def test_revoke_user_leaves_other_users_alone(store: SqliteStore) -> None:
+async def test_revoke_user_leaves_other_users_alone(store: AccountStore) -> None:
     alice, bob = make_user(1), make_user(2)
     await store.create_user(alice)
     await store.create_user(bob)
@@ -292,25 +321,23 @@ async def test_revoke_user_leaves_other_users_alone(store: SqliteStore) -> None:
     }
 
 
-async def test_refresh_needs_an_existing_user(store: SqliteStore) -> None:
+async def test_refresh_needs_an_existing_user(store: AccountStore) -> None:
     with pytest.raises(StoreError):
         await store.add_refresh(make_refresh("h1", make_user(9), "fam"))
     assert await store.get_refresh("h1") is None
 
 
-async def test_add_refresh_is_all_or_nothing(store: SqliteStore) -> None:
+async def test_add_refresh_is_all_or_nothing(store: AccountStore, db_url: str) -> None:
     user = make_user(1)
     await store.create_user(user)
     await store.add_refresh(make_refresh("h1", user, "fam"))
     # Same token hash in a new family: the token insert fails, so the family must not stay.
     with pytest.raises(StoreError):
         await store.add_refresh(make_refresh("h1", user, "other-family"))
-    with sqlite3.connect(store.path) as conn:
-        families = conn.execute("SELECT id FROM refresh_families").fetchall()
-    assert families == [("fam",)]
+    assert await query(db_url, "SELECT id FROM refresh_families") == [("fam",)]
 
 
-async def test_prune_refresh_deletes_only_expired(store: SqliteStore) -> None:
+async def test_prune_refresh_deletes_only_expired(store: AccountStore) -> None:
     user = make_user(1)
     await store.create_user(user)
     await store.add_refresh(make_refresh("old", user, "f-old", at=0.0))
@@ -320,7 +347,7 @@ async def test_prune_refresh_deletes_only_expired(store: SqliteStore) -> None:
     assert await store.get_refresh("new") is not None
 
 
-async def test_event_counting_window(store: SqliteStore) -> None:
+async def test_event_counting_window(store: AccountStore) -> None:
     for at in (100.0, 110.0, 120.0):
         await store.record_event("k", at)
     await store.record_event("other", 115.0)
@@ -330,7 +357,7 @@ async def test_event_counting_window(store: SqliteStore) -> None:
     assert await store.count_events("nothing", 0.0) == (0, None)
 
 
-async def test_discard_clear_and_prune_events(store: SqliteStore) -> None:
+async def test_discard_clear_and_prune_events(store: AccountStore) -> None:
     first = await store.record_event("k", 100.0)
     await store.record_event("k", 110.0)
     await store.record_event("j", 105.0)
@@ -343,7 +370,7 @@ async def test_discard_clear_and_prune_events(store: SqliteStore) -> None:
     assert await store.count_events("j", 0.0) == (0, None)
 
 
-async def test_concurrent_records_are_all_counted(store: SqliteStore) -> None:
+async def test_concurrent_records_are_all_counted(store: AccountStore) -> None:
     ids = await asyncio.gather(*(store.record_event("k", 100.0) for _ in range(30)))
     assert len(set(ids)) == 30
     assert await store.count_events("k", 0.0) == (30, 100.0)

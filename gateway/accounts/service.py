@@ -135,7 +135,9 @@ class AccountService:
         # Spent before, or by a concurrent request just now: look again.
         record = await self._usable_refresh(token, token_hash, now)
         grace = self._token_settings.refresh_reuse_grace
-        if record.spent_at is not None and now - record.spent_at < grace:
+        # abs(): another replica's clock (or a racing request that read the clock first) may
+        # be behind the spend; a negative age must not pass for "within grace" when grace is 0.
+        if record.spent_at is not None and abs(now - record.spent_at) < grace:
             return await self._issue(user, record.family_id, record.expires_at, now)
         await self._store.revoke_family(record.family_id, now)
         raise InvalidToken("refresh_reuse", BAD_REFRESH)

@@ -1,8 +1,9 @@
 """The account store protocol; the implementation is chosen by the database URL's scheme.
 
 A store keeps users, refresh-token families and rate-limit events. The protocol is
-database-neutral: the service above it never sees SQL, and a new backend (PostgreSQL comes
-with scale-out) implements these methods without any change to the service or the handlers.
+database-neutral: the service above it never sees SQL, and each backend (SQLite embedded,
+PostgreSQL shared by replicas) implements these methods with no change to the service or the
+handlers.
 
 Guarantees every implementation must keep:
 
@@ -14,7 +15,11 @@ Guarantees every implementation must keep:
   (the flag lives on the family, and every read of a token reports it);
 - nothing is partially written: multi-statement operations run in one transaction;
 - driver errors are translated: ``EmailTaken`` for a duplicate email, ``StoreUnavailable``
-  (HTTP 503) when the database cannot be used, ``StoreError`` for anything else.
+  (HTTP 503) when the database cannot be used, ``StoreError`` for anything else;
+- a database that is unreachable gives ``StoreUnavailable`` quickly (seconds, never a hang),
+  and the store recovers by itself once it is back; ``open()`` raises ``StoreUnavailable``
+  if it cannot reach the database, leaving the store closed (``open()`` may be retried);
+- errors and reprs never show the database URL's password.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError, ServiceUnavailable):
-    """The database cannot be used right now (locked, disk I/O, closed); HTTP 503."""
+    """The database cannot be used right now (locked, disk I/O, closed, unreachable,
+    restarting); HTTP 503."""
 
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or "The account database is unavailable.")
@@ -127,8 +133,13 @@ _POSTGRES_SCHEMES = ("postgres", "postgresql")
 
 
 def open_store(url: str) -> AccountStore:
-    """``sqlite:///relative.db`` (relative to the working directory), ``sqlite:////abs.db``,
-    ``sqlite:///:memory:``. PostgreSQL comes with scale-out.
+    """Pick the backend by the URL's scheme (one backend's driver is imported, chosen here):
+
+    - ``sqlite:///relative.db`` (relative to the working directory), ``sqlite:////abs.db``,
+      ``sqlite:///:memory:``;
+    - ``postgresql://user:password@host:5432/database`` (or ``postgres://``), with libpq's
+      query parameters such as ``?sslmode=require``; special characters in the password
+      percent-encoded.
 
     Returns an unopened store: call ``await store.open()``. Errors never echo the URL, which
     may hold a password.
@@ -136,12 +147,23 @@ def open_store(url: str) -> AccountStore:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise UnsupportedDatabase("database.url must look like sqlite:///path/to/file.db")
-    if scheme in _POSTGRES_SCHEMES or scheme.startswith("postgresql+"):
-        raise UnsupportedDatabase("PostgreSQL support arrives with scale-out; use sqlite:///")
+        raise UnsupportedDatabase(
+            "database.url must look like sqlite:///path/to/file.db or postgresql://host/db"
+        )
+    if scheme in _POSTGRES_SCHEMES:
+        from gateway.accounts.postgres import PostgresStore
+
+        # asyncpg accepts only the lowercase scheme; the rest is passed on untouched.
+        return PostgresStore(f"{scheme}://{rest}")
+    if scheme.startswith(("postgresql+", "postgres+")):
+        raise UnsupportedDatabase(
+            f"unsupported database scheme {scheme!r}; use postgresql:// (the driver is asyncpg)"
+        )
     if scheme != "sqlite":
-        raise UnsupportedDatabase(f"unsupported database scheme {scheme!r}; use sqlite:///")
-    from gateway.accounts.sqlite import SqliteStore  # one backend loaded, chosen here
+        raise UnsupportedDatabase(
+            f"unsupported database scheme {scheme!r}; use sqlite:/// or postgresql://"
+        )
+    from gateway.accounts.sqlite import SqliteStore
 
     return SqliteStore(sqlite_path(rest))
 
