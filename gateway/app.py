@@ -20,6 +20,7 @@ from yarl import URL
 from gateway import accesslog
 from gateway import headers as hdr
 from gateway.accounts import AccountService, open_store
+from gateway.accounts.store import StoreUnavailable
 from gateway.config import Settings
 from gateway.errors import Forbidden, InvalidInput, MethodNotAllowed, Unauthorized
 from gateway.handlers import Handler, OwnEndpoints
@@ -49,6 +50,8 @@ log = logging.getLogger("gateway")
 
 METRICS = web.AppKey("metrics", Metrics)
 PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
+POOL_REPORT_INTERVAL = 5.0
+STORE_START_WAIT = 5.0  # how long start waits for a database server before serving anyway
 
 
 class Gateway:
@@ -106,15 +109,47 @@ class Gateway:
     # -- resources -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store and the upstream pool; start housekeeping and the key prefetch."""
-        await self.store.open()
+        """Open the store and the upstream pool; start housekeeping and the key prefetch.
+
+        A database server that is down does not stop a gateway on PostgreSQL from starting:
+        token checks need no database, so requests with valid tokens are served while the
+        store keeps trying to open (account endpoints and ``/readyz`` answer 503 until then).
+        A local SQLite file that cannot be opened is a configuration error: start fails.
+        """
+        store_up = asyncio.create_task(self._open_store())
+        if not self._database_is_a_server():
+            await store_up
         await self.forwarder.start()
         self._background = [
+            store_up,
             asyncio.create_task(self._prune_forever()),
+            asyncio.create_task(self._report_pool_forever()),
             # Issuers' keys are fetched in the background: a provider that is down must not
             # stop the gateway from starting (its tokens get 401 until the keys arrive).
             asyncio.create_task(self.external.prefetch()),
         ]
+        if self._database_is_a_server():
+            await asyncio.wait([store_up], timeout=STORE_START_WAIT)  # usually opens at once
+            if store_up.done():
+                store_up.result()  # a wrong password or a newer schema: refuse to start
+            else:
+                store_up.add_done_callback(_log_store_failure)
+
+    def _database_is_a_server(self) -> bool:
+        return not self.settings.database.url.lower().startswith("sqlite")
+
+    async def _open_store(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.store.open()
+                return
+            except StoreUnavailable as err:
+                if not self._database_is_a_server():
+                    raise
+                log.warning("account database unavailable (%s); retrying in %.0fs", err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def close(self) -> None:
         for task in self._background:
@@ -164,11 +199,22 @@ class Gateway:
             )
         return self._issuer_session
 
+    async def _report_pool_forever(self) -> None:
+        """Database pool use for /metrics, every few seconds (workers write it to files)."""
+        usage = getattr(self.store, "pool_usage", None)
+        if usage is None:
+            return
+        while True:
+            self.metrics.database_pool(usage())
+            await asyncio.sleep(POOL_REPORT_INTERVAL)
+
     async def _prune_forever(self) -> None:
         """Keep the rate-event and refresh-token tables small; a failure only waits a round."""
         while True:
             try:
                 await self.accounts.prune()
+            except StoreUnavailable:
+                log.warning("housekeeping skipped: the account database is unavailable")
             except Exception:
                 log.warning("housekeeping failed; retrying in %ds", PRUNE_INTERVAL, exc_info=True)
             await asyncio.sleep(PRUNE_INTERVAL)
@@ -427,6 +473,11 @@ class LiveGateway:
         finally:
             await asyncio.gather(*self._retiring, return_exceptions=True)
             await self.current.close()
+
+
+def _log_store_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the account database cannot be used: %s", task.exception())
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     accesslog.send_to(sys.stdout)  # JSON lines on stdout; everything else on stderr
+    # While a database is down, asyncpg logs a traceback per reconnect attempt; the gateway
+    # already says once, in one line, that the database is unavailable.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

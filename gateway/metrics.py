@@ -6,6 +6,8 @@ statuses from HTTP. Nothing client-controlled becomes a label value.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -48,6 +50,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.db_pool = Gauge(
+            "gateway_db_pool_connections",
+            "Account database connections: open, in_use, and the pool's max (summed over workers).",
+            ["state"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.jwks_fetches = Counter(
             "gateway_jwks_fetches",
             "External issuers' key-set fetches, by issuer, reason (prefetch, expired,"
@@ -68,6 +77,10 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",  # workers each hold a copy; any one of them tells
         )
+
+    def database_pool(self, usage: Mapping[str, int]) -> None:
+        for state in ("open", "in_use", "max"):
+            self.db_pool.labels(state).set(usage.get(state, 0))
 
     def jwks_fetched(
         self, issuer: str, reason: str, outcome: str, seconds: float, keys: int | None
