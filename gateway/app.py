@@ -44,6 +44,7 @@ from gateway.routing import (
     valid_host,
 )
 from gateway.server import DEFAULT_LIMITS
+from gateway.tokencache import VerifiedTokens
 from gateway.tokens import KeyRing, TokenService
 
 log = logging.getLogger("gateway")
@@ -88,12 +89,13 @@ class Gateway:
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
         self.metrics = metrics or Metrics()  # one registry across reloads
+        self.verified = VerifiedTokens(clock)  # per gateway: a reload (new keys) starts empty
         self.external = ExternalVerifier(
             settings.issuers,
             self._jwks_session,
             clock=clock,
             default_leeway=settings.tokens.leeway,
-            observer=self.metrics.jwks_fetched,
+            observer=self._keys_fetched,
         )
         self.own = OwnEndpoints(
             settings=settings,
@@ -223,10 +225,24 @@ class Gateway:
 
     async def identify(self, token: str) -> Identity:
         """The identity behind a bearer token: an external issuer's when its ``iss`` names a
-        configured issuer (checked against that issuer's keys only), else one of ours."""
+        configured issuer (checked against that issuer's keys only), else one of ours.
+        A token verified before is answered from the cache until it expires."""
+        identity = self.verified.get(token)
+        if identity is not None:
+            return identity
         if self.external.issuer_for(token) is not None:
-            return await self.external.verify(token)
-        return self.tokens.verify(token)
+            identity = await self.external.verify(token)
+        else:
+            identity = self.tokens.verify(token)
+        self.verified.put(token, identity)
+        return identity
+
+    def _keys_fetched(
+        self, issuer: str, reason: str, outcome: str, seconds: float, keys: int | None
+    ) -> None:
+        self.metrics.jwks_fetched(issuer, reason, outcome, seconds, keys)
+        if outcome == "ok":
+            self.verified.clear()  # a key may have been withdrawn: verify everything again
 
     def peer_trusted(self, request: web.Request) -> bool:
         return self.header_policy.trusts(request.remote)
@@ -277,8 +293,7 @@ class Gateway:
             raise
         finally:
             accesslog.note_route(request, label)
-            self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
+            self.metrics.request_done(label, status, time.perf_counter() - started)
 
     async def _own_endpoint(
         self, request: web.Request, handlers: dict[str, Handler]
@@ -321,7 +336,7 @@ class Gateway:
         finally:
             upstream_seconds = time.perf_counter() - started
             accesslog.note_upstream(request, upstream_seconds)
-            self.metrics.upstream_duration.labels(route.name).observe(upstream_seconds)
+            self.metrics.upstream_done(route.name, upstream_seconds)
 
     def _bearer(self, request: web.Request) -> str | None:
         return bearer_token(request.headers.getall("Authorization", []))

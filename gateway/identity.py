@@ -59,6 +59,8 @@ class Identity:
     roles: tuple[str, ...] = ()
     scopes: frozenset[str] = frozenset()
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # When the token behind it stops passing verification (exp + leeway); None: not a token.
+    valid_until: float | None = field(default=None, compare=False, repr=False)
 
 
 def normalize_email(raw: str) -> tuple[str, str]:
@@ -154,7 +156,11 @@ def authorize(route: RouteSettings, identity: Identity) -> None:
 
 
 def identity_from_claims(
-    claims: Mapping[str, Any], *, issuer: str, mapping: ClaimMapping | None = None
+    claims: Mapping[str, Any],
+    *,
+    issuer: str,
+    mapping: ClaimMapping | None = None,
+    leeway: float | None = None,
 ) -> Identity:
     """The identity in verified ``claims`` (CONTRACT §5), or ``InvalidToken("malformed_claims")``.
 
@@ -174,7 +180,14 @@ def identity_from_claims(
         roles=_roles_claim(claim_value(claims, mapping.roles, _MISSING)),
         scopes=_scopes(claims),
         claims=types.MappingProxyType(dict(claims)),
+        valid_until=_valid_until(claims.get("exp"), leeway),
     )
+
+
+def _valid_until(exp: Any, leeway: float | None) -> float | None:
+    if leeway is None or isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    return float(exp) + leeway
 
 
 def _has_control(text: str) -> bool:

@@ -458,7 +458,9 @@ class ExternalVerifier:
         claims = self._decode(token, candidates, keys.settings)
         self._check_times(claims, keys.settings)
         settings = keys.settings
-        return identity_from_claims(claims, issuer=settings.issuer, mapping=settings.claims)
+        return identity_from_claims(
+            claims, issuer=settings.issuer, mapping=settings.claims, leeway=self._leeway(settings)
+        )
 
     def _decode(
         self, token: str, candidates: Sequence[_Key], settings: IssuerSettings
@@ -490,8 +492,10 @@ class ExternalVerifier:
         raise InvalidToken("signature")
 
     def _check_times(self, claims: dict[str, Any], settings: IssuerSettings) -> None:
-        leeway = self._default_leeway if settings.leeway is None else float(settings.leeway)
-        check_times(claims, now=self._clock(), leeway=leeway)
+        check_times(claims, now=self._clock(), leeway=self._leeway(settings))
+
+    def _leeway(self, settings: IssuerSettings) -> float:
+        return self._default_leeway if settings.leeway is None else float(settings.leeway)
 
 
 def _unverified_issuer(token: object) -> str | None:

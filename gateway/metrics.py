@@ -7,6 +7,7 @@ statuses from HTTP. Nothing client-controlled becomes a label value.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -19,6 +20,8 @@ NO_ROUTE = "_none"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._upstream_children: dict[str, Any] = {}
         self.requests = Counter(
             "gateway_requests",
             "Requests answered, by route and status.",
@@ -77,6 +80,26 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",  # workers each hold a copy; any one of them tells
         )
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request (children looked up once per route and status: label
+        resolution costs more than the increment)."""
+        key = (route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, str(status)),
+                self.request_duration.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def upstream_done(self, route: str, seconds: float) -> None:
+        child = self._upstream_children.get(route)
+        if child is None:
+            child = self._upstream_children[route] = self.upstream_duration.labels(route)
+        child.observe(seconds)
 
     def database_pool(self, usage: Mapping[str, int]) -> None:
         for state in ("open", "in_use", "max"):
