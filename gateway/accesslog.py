@@ -3,7 +3,7 @@
 A line holds what an operator needs to follow one request through the gateway and its
 upstream, and nothing a log reader could abuse: no tokens, no passwords, no cookies, no query
 strings (they may carry secrets). The client-chosen parts (the path, cut at 1 KiB, and the
-request id) are JSON-escaped, so one request is always exactly one line.
+request id) are JSON-escaped, so one request is always exactly one line (UTF-8 JSON).
 
 The request handler notes what it learns on the request (``note_*`` below); aiohttp calls
 :class:`JsonAccessLogger` once the response is complete, so ``bytes`` is what was sent to the
@@ -12,12 +12,12 @@ client, status line and headers included (nginx's ``$bytes_sent``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
+import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
@@ -67,7 +67,7 @@ def note_upstream(request: web.Request, seconds: float) -> None:
     request[UPSTREAM_SECONDS] = seconds
 
 
-_stream: TextIO | None = None  # set by send_to: lines are written to it directly
+_stream: BinaryIO | None = None  # set by send_to: lines are written to it directly
 
 
 def send_to(stream: TextIO) -> None:
@@ -78,7 +78,8 @@ def send_to(stream: TextIO) -> None:
     more than the line itself, on every request); without ``send_to`` they go to the
     ``gateway.access`` logger like any other record."""
     global _stream
-    _stream = stream
+    stream.flush()
+    _stream = stream.buffer
     ACCESS_LOGGER.setLevel(logging.INFO)
     ACCESS_LOGGER.propagate = False
 
@@ -103,11 +104,12 @@ class JsonAccessLogger(AbstractAccessLogger):
             "auth": request.get(AUTH, "none"),
             "auth_reason": request.get(AUTH_REASON),
         }
-        text = json.dumps(line, separators=(",", ":"), ensure_ascii=True)
+        # orjson: the line costs a microsecond or two, where json.dumps took tens.
+        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         if _stream is None:
-            self.logger.info(text)
+            self.logger.info(data[:-1].decode())
             return
-        _stream.write(text + "\n")
+        _stream.write(data)
         _stream.flush()  # a line per request, visible at once (container logs)
 
     @property

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -397,4 +397,4 @@ def request_id(client_value: str | None) -> str:
     """The client's ``X-Request-Id`` if it is 1..128 of ``[A-Za-z0-9._-]``, else a new one."""
     if client_value is not None and _REQUEST_ID.fullmatch(client_value):
         return client_value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as a UUID4 has, at a fraction of the cost
