@@ -1,0 +1,131 @@
+"""The benchmark harness (bench/run.py) runs end to end and reports sane figures.
+
+Not a benchmark: a one-second run of the upstream direct and the one-worker gateway, through
+the harness's own command line, must print the table and write the JSON with requests
+counted, no wrk errors and the same-run ratios computed. The negative controls: the harness's
+sanity check refuses a "verifier" that lets every request through (it would look fast), and a
+load that is answered non-2xx is counted as errors and fails the run's exit code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "bench" / "run.py"
+
+
+def load_harness() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def harness() -> ModuleType:
+    # A missing tool fails loudly: a skipped smoke run would prove nothing.
+    for tool in ("wrk", "nginx", "taskset"):
+        assert shutil.which(tool), f"{tool} is not installed (scripts/test installs it)"
+    return load_harness()
+
+
+def test_quick_run_prints_the_table_and_writes_sane_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    args = [
+        "--quick",
+        "--duration",
+        "1s",
+        "--warmup",
+        "1s",
+        "--scenarios",
+        "one-token",
+        "--targets",
+        "direct,gw-1",
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(
+        [sys.executable, str(RUN), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    lines = run.stdout.splitlines()
+    assert lines[0].split()[:4] == ["scenario", "target", "conns", "req/s"]
+    assert any(line.startswith("one-token") and " gw-1 " in line for line in lines)
+    assert f"results: {out}" in lines
+
+    report = json.loads(out.read_text())
+    rows = {m["target"]: m for m in report["measurements"]}
+    assert set(rows) == {"direct", "gw-1"}
+    for row in rows.values():
+        assert row["requests"] > 0 and row["rps"] > 0, row
+        assert row["errors"] == {}, row
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+        assert row["cpu_us_per_request"] > 0, row
+        assert row["rss_mb_per_worker"] and all(mb > 0 for mb in row["rss_mb_per_worker"]), row
+    direct, gateway = rows["direct"], rows["gw-1"]
+    assert direct["ratios"]["direct"]["rps"] == 1.0
+    assert gateway["ratios"]["direct"]["rps"] == pytest.approx(
+        gateway["rps"] / direct["rps"], abs=0.01
+    )
+    assert gateway["ratios"]["haproxy-jwt"]["rps"] is None  # not measured in this run
+
+
+@pytest.fixture
+def lab(harness: ModuleType, tmp_path: Path) -> Iterator[object]:
+    """The upstream and the one-worker gateway, started as bench/run.py starts them."""
+    opts = harness.Options(
+        1.0, 1.0, 8, ["one-token"], ["direct", "gw-1"], 10, tmp_path / "out.json", False
+    )
+    procs = harness.Processes()
+    lab = harness.Lab(opts, tmp_path, procs)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        procs.stop_all()
+
+
+def test_a_verifier_that_lets_everything_through_is_refused(
+    harness: ModuleType, lab: object
+) -> None:
+    gateway = lab.targets["gw-1"]  # type: ignore[attr-defined]
+    harness.check_target(lab, gateway)  # the real verifier passes the check
+
+    # The upstream itself answers 200 to anything: as a "verifier" it must fail the check.
+    direct = lab.targets["direct"]  # type: ignore[attr-defined]
+    fake = harness.Target("fake-jwt", "nginx", authenticates=True, pinned=False)
+    with pytest.raises(harness.SetupError, match="X-User-Id"):
+        harness.check_target(lab, harness.Running(fake, direct.url, direct.process))
+
+
+def test_non_2xx_answers_are_counted_as_errors(harness: ModuleType, lab: object) -> None:
+    gateway = lab.targets["gw-1"]  # type: ignore[attr-defined]
+    workdir = lab.workdir  # type: ignore[attr-defined]
+    no_token = harness.Load(harness.ROUTE, 4, harness.wrk_script(workdir, None))
+    result = harness.run_wrk(gateway.url, no_token, 1.0, None)
+    errors = harness.wrk_errors(result)
+    assert result["requests"] > 0
+    assert errors.get("non-2xx/3xx") == result["requests"], errors
+
+    measurement = harness.Measurement(
+        "one-token", "gw-1", 4, 1.0, 10, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0, [1.0], errors
+    )
+    assert harness.failures([measurement]) == ["one-token/gw-1"]  # the run exits 2
+    assert "non-2xx/3xx" in harness.table([measurement])
+    clean = harness.Measurement(
+        "one-token", "gw-1", 4, 1.0, 10, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0, [1.0], {}
+    )
+    assert harness.failures([clean]) == []
