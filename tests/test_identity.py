@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import pytest
 
+from gateway import identity
 from gateway.config import ClaimMapping, RouteSettings
 from gateway.errors import InsufficientScope, InvalidInput, InvalidToken
 from gateway.identity import (
@@ -368,3 +370,25 @@ def test_identity_from_malformed_claims(claims: dict[str, Any]) -> None:
     assert caught.value.reason == "malformed_claims"
     # the refused values are never echoed
     assert "admin" not in caught.value.detail and "Eve" not in caught.value.detail
+
+
+# -- the ASCII fast paths answer exactly as the Unicode checks ---------------------------------
+
+
+@pytest.mark.parametrize("code", range(128))
+def test_ascii_fast_paths_agree_with_the_unicode_checks(code: int) -> None:
+    ch = chr(code)
+    for text in (ch, f"a{ch}b"):
+        assert identity._holds_invisible(text) == any(
+            identity._invisible_in_email(c) for c in text
+        ), repr(text)
+        assert identity._has_control(text) == any(
+            unicodedata.category(c) in ("Cc", "Cs") for c in text
+        ), repr(text)
+        slow_role = (
+            bool(text)
+            and "," not in text
+            and not any(c.isspace() for c in text)
+            and not any(unicodedata.category(c) in ("Cc", "Cs", "Cf") for c in text)
+        )
+        assert identity._valid_role(text) == slow_role, repr(text)
