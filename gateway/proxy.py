@@ -19,16 +19,20 @@ Guarantees (CONTRACT §6):
 
 The caller has matched the route, computed the canonical ``upstream_path`` and built the final
 request headers (``gateway.headers``); the Forwarder adds only ``Host`` and body framing.
+
+Plain HTTP goes through ``gateway.upstream``'s keep-alive pool (about half the CPU of aiohttp's
+``ClientSession`` per request); websockets go through a ``ClientSession`` kept for them only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
@@ -36,6 +40,7 @@ from gateway.config import RouteSettings
 from gateway.errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
 from gateway.headers import clean_response_headers
 from gateway.routing import upstream_url
+from gateway.upstream import BodyReader, Origin, UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = ["Forwarder", "is_websocket_upgrade"]
 
@@ -49,13 +54,17 @@ _UNSENDABLE_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
 
 _WS_CLOSE_TIMEOUT = 5.0
 
+# What a failed upstream exchange raises (websockets: aiohttp's errors; HTTP: the pool's).
+_UPSTREAM_FAILURES = (aiohttp.ClientError, UpstreamError, OSError, TimeoutError)
+
 
 @dataclass
 class _Upload:
-    """What happened to the request body while aiohttp's writer task streamed it."""
+    """What happened to the request body while the pool's writer task streamed it."""
 
     too_large: bool = False
     client_failed: bool = False
+    answered: bool = False  # the response head arrived: the deadline is no longer ours to move
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
@@ -89,8 +98,15 @@ def _close_reason(reason: str) -> bytes:
     return reason.encode()[:123].decode("utf-8", "ignore").encode()
 
 
+def _target(base_path: str, upstream_path: str, query: str) -> str:
+    """The request target ``routing.upstream_url`` would give, without building a URL."""
+    path = base_path + upstream_path or "/"
+    return f"{path}?{query}" if query else path
+
+
 class Forwarder:
-    """Streams requests to upstreams over one pooled ``ClientSession`` for the app's life."""
+    """Streams requests to upstreams over one connection pool for the app's life (and one
+    ``ClientSession`` for websockets)."""
 
     def __init__(
         self,
@@ -99,17 +115,26 @@ class Forwarder:
         connect_timeout: float = 5.0,
         pool_limit: int = 0,
         keepalive_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.max_body_size = max_body_size
         self.connect_timeout = connect_timeout
         self._pool_limit = pool_limit  # 0: unbounded; each route is bounded by its timeout
         self._keepalive_timeout = keepalive_timeout
+        self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
+        self._origins: dict[str, tuple[Origin, str]] = {}
         self._turns: dict[str, int] = {}
 
     async def start(self) -> None:
         if self._session is not None:
             return
+        self._pool = UpstreamPool(
+            connect_timeout=self.connect_timeout,
+            keepalive_timeout=self._keepalive_timeout,
+            ssl_context=self._ssl_context,
+        )
         connector = aiohttp.TCPConnector(
             limit=self._pool_limit,
             limit_per_host=0,
@@ -125,6 +150,9 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -135,17 +163,26 @@ class Forwarder:
             raise RuntimeError("Forwarder.start() was not awaited")
         return self._session
 
+    @property
+    def pool(self) -> UpstreamPool:
+        if self._pool is None:
+            raise RuntimeError("Forwarder.start() was not awaited")
+        return self._pool
+
+    def _origin(self, base: str) -> tuple[Origin, str]:
+        """The upstream base URL's origin and path, parsed once per base."""
+        known = self._origins.get(base)
+        if known is None:
+            parsed = yarl.URL(base, encoded=True)  # the operator's path as written
+            known = (Origin.of(parsed), parsed.raw_path.rstrip("/"))
+            self._origins[base] = known
+        return known
+
     def pick_upstream(self, route: RouteSettings) -> str:
         """The route's next upstream base URL, round-robin (per route, per process)."""
         turn = self._turns.get(route.name, 0)
         self._turns[route.name] = turn + 1
         return route.upstreams[turn % len(route.upstreams)]
-
-    def _timeout(self, route: RouteSettings) -> aiohttp.ClientTimeout:
-        # sock_read starts once the body is sent (aiohttp), then bounds every silence.
-        return aiohttp.ClientTimeout(
-            total=None, sock_connect=self.connect_timeout, sock_read=route.timeout
-        )
 
     @staticmethod
     def _set_host(
@@ -157,26 +194,29 @@ class Forwarder:
             headers["Host"] = client_host
         # Otherwise aiohttp writes the upstream URL's host[:port].
 
-    async def _body(
+    def _body(
         self, request: web.BaseRequest, upload: _Upload, progress: asyncio.Timeout, window: float
-    ) -> AsyncIterator[bytes]:
-        sent = 0
+    ) -> BodyReader:
         loop = asyncio.get_running_loop()
-        while True:
+        sent = 0
+
+        async def read() -> bytes:
+            nonlocal sent
+            if sent and not upload.answered:
+                # The upstream took the last chunk: the request is moving, push the deadline.
+                progress.reschedule(loop.time() + window)
             try:
                 chunk = await request.content.readany()
             except Exception:
                 upload.client_failed = True
                 raise
-            if not chunk:
-                return
             sent += len(chunk)
             if sent > self.max_body_size:
                 upload.too_large = True
                 raise PayloadTooLarge()
-            yield chunk
-            # The upstream took the chunk: the request is moving, push the deadline back.
-            progress.reschedule(loop.time() + window)
+            return chunk
+
+        return read
 
     async def forward(
         self,
@@ -195,28 +235,30 @@ class Forwarder:
         length = request.content_length
         if length is not None and length > self.max_body_size:
             raise PayloadTooLarge(f"The request body exceeds {self.max_body_size} bytes.")
-        url = upstream_url(self.pick_upstream(route), upstream_path, _raw_query(request))
-        out = CIMultiDict(headers)
-        self._set_host(out, request, route)
-        out.popall("Content-Length", None)
-        if length is not None:
-            out["Content-Length"] = str(length)  # as aiohttp parsed and will enforce it
+        origin, base_path = self._origin(self.pick_upstream(route))
+        target = _target(base_path, upstream_path, _raw_query(request))
+        host = request.headers.get("Host") if route.preserve_host else None
         upload = _Upload()
         try:
-            # Deadline for the upstream's response headers; the body stream moves it on.
+            # Deadline for the upstream's response headers; the body stream moves it on. The
+            # pool's read timeout bounds the wait for them once the body is sent.
             async with asyncio.timeout(route.timeout + self.connect_timeout) as progress:
                 body = request.body_exists
-                data = self._body(request, upload, progress, route.timeout) if body else None
-                upstream = await self.session.request(
+                upstream = await self.pool.request(
+                    origin,
                     request.method,
-                    url,
-                    headers=out,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=self._timeout(route),
+                    target,
+                    headers,
+                    host=host or None,
+                    body=self._body(request, upload, progress, route.timeout) if body else None,
+                    length=length,
+                    read_timeout=route.timeout,
                 )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise self._translate(exc, upload, route) from exc
+        except Exception as exc:
+            if upload.too_large or upload.client_failed or isinstance(exc, _UPSTREAM_FAILURES):
+                raise self._translate(exc, upload, route) from exc
+            raise
+        upload.answered = True
         try:
             return await self._relay(request, upstream)
         finally:
@@ -233,9 +275,7 @@ class Forwarder:
         log.info("upstream of route %s failed: %s", route.name, type(exc).__name__)
         return BadGateway("The upstream service is unreachable or answered badly.")
 
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
@@ -245,8 +285,8 @@ class Forwarder:
             await response.prepare(request)
             while True:
                 try:
-                    chunk = await upstream.content.readany()
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    chunk = await upstream.read()
+                except (UpstreamError, OSError, TimeoutError) as exc:
                     # Headers are out: the status cannot change. Cutting the connection is the
                     # only way to tell the client the body is incomplete.
                     log.info("upstream failed mid-response: %s", type(exc).__name__)
@@ -256,6 +296,9 @@ class Forwarder:
                     return response
                 if not chunk:
                     break
+                if upstream.at_eof():
+                    await response.write_eof(chunk)  # the last piece: one write, not two
+                    return response
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError:

@@ -1,0 +1,624 @@
+"""The upstream HTTP/1.1 client: a keep-alive connection pool on asyncio protocols.
+
+Responses are parsed by httptools (llhttp). What this module guarantees:
+
+- bodies stream both ways and are never buffered whole: reading from the upstream pauses while
+  the consumer is behind, and a request body waits for the transport to drain;
+- a request body goes with ``Content-Length`` when its length is known, chunked otherwise;
+- a response is its status, reason, headers (in order, duplicates kept) and then its body,
+  length-delimited, chunked or read until close; HEAD, 204 and 304 have none; 1xx informational
+  responses are skipped; an unasked-for 101, a malformed head or one over ``MAX_HEAD_SIZE`` bytes
+  or ``MAX_HEADERS`` fields is an ``UpstreamError``;
+- a connection is reused only after a complete response to a completely sent request, when the
+  parser says keep-alive, never after HEAD; an idle connection expires after
+  ``keepalive_timeout`` and one the upstream closed while idle is never handed out; a request
+  without a body that fails on a reused connection before any response byte is retried once on
+  a fresh connection;
+- ``read_timeout`` bounds the wait for the response head once the request is sent, and every
+  wait for more of the body: expiry is ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httptools
+import yarl
+from multidict import CIMultiDict
+
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_HEAD_SIZE",
+    "Origin",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+]
+
+MAX_HEAD_SIZE = 64 * 1024
+MAX_HEADERS = 256
+
+# Response bytes buffered before reading from the upstream pauses (and where it resumes).
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+
+_GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Names the pool writes itself, from the origin and the body's framing.
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+_FRAMING = ("content-length", "transfer-encoding")
+# Control characters a header must not hold (CR and LF are counted separately).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+BodyReader = Callable[[], Awaitable[bytes]]
+
+
+class UpstreamError(Exception):
+    """The upstream refused, reset, closed too early or did not answer HTTP."""
+
+
+class _Closed(UpstreamError):
+    """The connection closed before the response was complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where connections go: scheme, host and port, and the ``Host`` header they imply."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+
+    @classmethod
+    def of(cls, url: str | yarl.URL) -> Origin:
+        parsed = yarl.URL(url, encoded=True) if isinstance(url, str) else url
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host or not parsed.port:
+            raise ValueError(f"not an http(s) URL: {url}")
+        host_header = parsed.host_port_subcomponent  # host[:port], the default port omitted
+        assert host_header is not None
+        return cls(parsed.scheme, parsed.raw_host, parsed.port, host_header)
+
+
+def serialize_head(
+    method: str,
+    target: str,
+    host: str,
+    headers: Any,
+    *,
+    has_body: bool,
+    length: int | None,
+) -> bytes:
+    """The request line and headers. ``Host`` comes first; ``Content-Length`` and
+    ``Transfer-Encoding`` in ``headers`` are replaced by the body's actual framing."""
+    parts = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in headers.items():
+        if name.lower() not in _OWN_HEADERS:
+            parts.append(f"{name}: {value}")
+    if length is not None:
+        parts.append(f"Content-Length: {length}")
+    elif has_body:
+        parts.append("Transfer-Encoding: chunked")
+    elif method not in _GET_METHODS:
+        parts.append("Content-Length: 0")  # what aiohttp's client sent; some servers want it
+    text = "\r\n".join(parts)
+    lines = len(parts) - 1
+    if text.count("\n") != lines or text.count("\r") != lines or _CONTROL.search(text):
+        raise ValueError("Forbidden control character in the request head.")
+    # surrogateescape: header bytes the client sent that are not UTF-8 go out unchanged.
+    return text.encode("utf-8", "surrogateescape") + b"\r\n\r\n"
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; at most one exchange at a time."""
+
+    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.busy = False
+        self.expiry: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reset(head_only=False)
+
+    # -- one exchange's state ----------------------------------------------------------------
+
+    def _reset(self, *, head_only: bool) -> None:
+        self.head_only = head_only
+        self.head_waiter: asyncio.Future[None] | None = None
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.writer: asyncio.Task[None] | None = None
+        self.request_sent = False
+        self.got_bytes = False
+        self.in_head = True
+        self.head_size = 0
+        self.fed_in_head = 0
+        self.informational = False
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[str, str]] = []
+        self.until_close = False
+        self.body: deque[bytes] = deque()
+        self.buffered = 0
+        self.body_waiter: asyncio.Future[None] | None = None
+        self.complete = False
+        self.keep_alive = False
+        self.error: BaseException | None = None
+        self.read_paused = False
+
+    def begin(self, head: bytes, *, head_only: bool) -> None:
+        self._reset(head_only=head_only)
+        self.busy = True
+        self.head_waiter = self.loop.create_future()
+        assert self.transport is not None
+        self.transport.write(head)
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and self.keep_alive
+            and self.request_sent
+            and self.error is None
+            and not self.head_only
+            and not self.closed
+            and not self.body  # everything was read
+        )
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(_Closed("the upstream closed the connection"))
+        if not self.busy or self.complete:
+            return
+        if not self.in_head and self.until_close and exc is None:
+            self._finish(keep_alive=False)  # the close is the end of this body
+        else:
+            self.fail(_Closed("the upstream closed the connection before the response ended"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy or self.complete:
+            # Bytes nobody asked for: this connection can no longer be trusted.
+            self.keep_alive = False
+            self.abort()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except Exception as exc:  # httptools' parse errors, and ours raised in callbacks
+            if self.complete:
+                self.keep_alive = False
+            else:
+                self.fail(UpstreamError(f"malformed upstream response: {exc}"))
+            return
+        if self.in_head and not self.complete:
+            self.fed_in_head += len(data)
+            if self.fed_in_head > MAX_HEAD_SIZE:
+                self.fail(UpstreamError("the upstream's response head is too large"))
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise UpstreamError("a second response to one request")
+        self.in_head = True
+        self.head_size = 0
+        self.fed_in_head = 0
+        self.reason = b""
+        self.headers = []
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+        self.head_size += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD_SIZE or len(self.headers) >= MAX_HEADERS:
+            raise UpstreamError("the upstream's response head is too large")
+        self.headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status == 101:
+            raise UpstreamError("an upgrade nobody asked for")
+        if status < 200:
+            self.informational = True  # 1xx: skipped, the real response follows
+            return
+        self.informational = False
+        self.in_head = False
+        self.status = status
+        # Neither length nor chunking: the body ends when the upstream closes the connection.
+        self.until_close = not any(n.lower() in _FRAMING for n, _ in self.headers)
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        if self.head_only:
+            # httptools cannot be told the request was HEAD: the head is the whole message,
+            # and the connection is never reused (its parser would expect a body).
+            self._finish(keep_alive=False)
+        waiter = self.head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return  # a body to HEAD: ignored, the connection is not reused anyway
+        self.body.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if not self.complete:
+            self._finish(keep_alive=self.parser.should_keep_alive())
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _finish(self, *, keep_alive: bool) -> None:
+        self.complete = True
+        self.keep_alive = keep_alive
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        waiter = self.body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """End the exchange with ``exc``: waiters get it, the connection is closed."""
+        if self.error is None:
+            self.error = exc
+        self.keep_alive = False
+        for waiter in (self.head_waiter, self.body_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def arm_head_timer(self, timeout: float) -> None:
+        if self.in_head and self.error is None:
+            self.head_timer = self.loop.call_later(timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        self.fail(TimeoutError())
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise _Closed("the upstream closed the connection")
+        if not self._write_paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiter = waiter
+        await waiter
+
+    async def upload(self, read: BodyReader, length: int | None, read_timeout: float) -> None:
+        """Send the request body: ``length`` bytes, or chunked when it is ``None``."""
+        transport = self.transport
+        assert transport is not None
+        sent = 0
+        try:
+            while length is None or sent < length:
+                chunk = await read()
+                if not chunk:
+                    break
+                if self.closed:
+                    raise _Closed("the upstream closed the connection")
+                sent += len(chunk)
+                if length is None:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                await self.drain()
+            if length is None:
+                transport.write(b"0\r\n\r\n")
+            elif sent != length:
+                raise UpstreamError("the request body ended before its Content-Length")
+            self.request_sent = True
+            self.arm_head_timer(read_timeout)
+        except Exception as exc:
+            if self.complete:
+                # The upstream answered without waiting for the whole body: the response
+                # stands, only the connection is done for.
+                self.keep_alive = False
+                self.abort()
+            elif self.in_head:
+                self.fail(exc)  # raised by ``request``: the caller knows its body's errors
+            else:
+                self.fail(UpstreamError(f"the request body failed: {type(exc).__name__}"))
+
+    async def read(self, timeout: float) -> bytes:
+        """The next piece of the body (all that is buffered), ``b""`` at its end."""
+        while True:
+            if self.body:
+                return self._take()
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            waiter = self.loop.create_future()
+            self.body_waiter = waiter
+            timer = self.loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            except TimeoutError:
+                self.fail(TimeoutError())
+                raise
+            finally:
+                timer.cancel()
+                self.body_waiter = None
+
+    def _take(self) -> bytes:
+        body = self.body
+        chunk = body.popleft() if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.buffered = 0
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def at_eof(self) -> bool:
+        return self.complete and not self.body
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class UpstreamResponse:
+    """A response whose head has arrived; read its body, then ``release()`` it (always)."""
+
+    __slots__ = ("status", "reason", "headers", "_conn", "_read_timeout", "_released")
+
+    def __init__(self, conn: _Connection, read_timeout: float) -> None:
+        self._conn = conn
+        self._read_timeout = read_timeout
+        self._released = False
+        self.status = conn.status
+        self.reason = conn.reason.decode("latin-1")
+        self.headers: CIMultiDict[str] = CIMultiDict(conn.headers)
+
+    async def read(self) -> bytes:
+        """The next piece of the body, ``b""`` at its end. Raises ``UpstreamError`` or
+        ``TimeoutError`` (no byte for ``read_timeout``)."""
+        return await self._conn.read(self._read_timeout)
+
+    def at_eof(self) -> bool:
+        """True when the whole body was read."""
+        return self._conn.at_eof()
+
+    def release(self) -> None:
+        """Give the connection back to the pool, or close it when it cannot be reused."""
+        if not self._released:
+            self._released = True
+            self._conn.pool._release(self._conn)
+
+    def close(self) -> None:
+        """Drop the connection whatever state it is in."""
+        self._conn.fail(UpstreamError("closed by the consumer"))
+        self.release()
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections per origin; ``request`` sends one exchange."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        keepalive_timeout: float = 30.0,
+        max_idle_per_origin: int = 256,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_idle_per_origin = max_idle_per_origin
+        self._ssl_context = ssl_context
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def idle_count(self, origin: Origin) -> int:
+        return len(self._idle.get(origin, ()))
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: Any,
+        *,
+        host: str | None = None,
+        body: BodyReader | None = None,
+        length: int | None = None,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        """Send one request and return once the response head has arrived.
+
+        ``headers`` (any ``items()`` mapping) go as given, but ``Host`` is ``host`` or the
+        origin's and the framing follows ``body``/``length``. ``body`` is called for the next
+        chunk (``b""`` at the end); its exceptions end the exchange and are raised here (or
+        from the response's ``read`` once the head was already relayed).
+        """
+        head = serialize_head(
+            method,
+            target,
+            host or origin.host_header,
+            headers,
+            has_body=body is not None,
+            length=length,
+        )
+        conn = self._take_idle(origin)
+        if conn is None:
+            conn = await self._connect(origin)
+            return await self._exchange(conn, head, method, body, length, read_timeout)
+        try:
+            return await self._exchange(conn, head, method, body, length, read_timeout)
+        except _Closed:
+            # The upstream closed an idle connection as we reused it: nothing was answered
+            # and, without a body, nothing is lost by asking again once, on a new connection.
+            if body is not None or conn.got_bytes:
+                raise
+        fresh = await self._connect(origin)
+        return await self._exchange(fresh, head, method, body, length, read_timeout)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        head: bytes,
+        method: str,
+        body: BodyReader | None,
+        length: int | None,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        conn.begin(head, head_only=method == "HEAD")
+        if body is None:
+            conn.request_sent = True
+            conn.arm_head_timer(read_timeout)
+        else:
+            conn.writer = self.loop.create_task(conn.upload(body, length, read_timeout))
+        waiter = conn.head_waiter
+        assert waiter is not None
+        try:
+            await waiter
+        except BaseException:
+            self._discard(conn)
+            raise
+        return UpstreamResponse(conn, read_timeout)
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have expired
+            if conn.expiry is not None:
+                conn.expiry.cancel()
+                conn.expiry = None
+            if not conn.closed:
+                return conn
+        return None
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        if self._closed:
+            raise UpstreamError("the upstream pool is closed")
+        tls = origin.scheme == "https"
+        if tls and self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await self.loop.create_connection(
+                lambda: _Connection(self, origin),
+                origin.host,
+                origin.port,
+                ssl=self._ssl_context if tls else None,
+                server_hostname=origin.host if tls else None,
+            )
+        if self._closed:
+            conn.abort()
+            raise UpstreamError("the upstream pool is closed")
+        self._all.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        writer = conn.writer
+        if writer is not None and not writer.done():
+            writer.cancel()  # a body the upstream did not wait for; or only its EOF is left
+        if not conn.reusable or self._closed:
+            self._discard(conn)
+            return
+        conn.busy = False
+        conn.writer = None
+        idle = self._idle.setdefault(conn.origin, [])
+        if len(idle) >= self.max_idle_per_origin:
+            self._discard(conn)
+            return
+        idle.append(conn)
+        conn.expiry = self.loop.call_later(self.keepalive_timeout, self._expire_idle, conn)
+
+    def _expire_idle(self, conn: _Connection) -> None:
+        conn.expiry = None
+        conn.close()
+        self._forget(conn)
+
+    def _discard(self, conn: _Connection) -> None:
+        writer = conn.writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+        if conn.complete and not conn.body and conn.error is None:
+            conn.close()
+        else:
+            conn.abort()
+        self._forget(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use."""
+        self._closed = True
+        for conn in list(self._all):
+            if conn.writer is not None and not conn.writer.done():
+                conn.writer.cancel()
+            if conn.busy and not conn.complete:
+                conn.fail(UpstreamError("the upstream pool closed"))
+            else:
+                conn.close()
+            self._forget(conn)
+        self._idle.clear()
