@@ -458,9 +458,14 @@ class LiveGateway:
             gateway.leave()
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        """CORS as configured for the gateway that served the request (errors included)."""
+        """CORS as configured for the gateway that served the request (errors included);
+        while draining, every response ends its connection, so that a client (or a load
+        balancer) reusing it learns that before it sends another request there."""
         gateway = request.get(SERVED_BY) or self.current
         await gateway.cors_hook(request, response)
+        if self.current.draining:
+            response.force_close()
+            response.headers["Connection"] = "close"  # aiohttp built its own value already
 
     async def replace(self, settings: Settings) -> None:
         """Start a gateway on ``settings`` and send new requests to it. Raises (and keeps the

@@ -92,6 +92,9 @@ class ServerSettings:
     admin: AdminSettings | None = AdminSettings()
     # Not in the contract's example but needed by every operator: how long SIGTERM waits.
     shutdown_grace: float = 30.0
+    # How long SIGTERM keeps accepting (with /readyz 503) before closing the listener, so
+    # that a load balancer has stopped sending before connections go away.
+    drain_delay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -931,6 +934,7 @@ def _server(r: _Reader, node: _Node | None) -> ServerSettings:
         max_body_size=r.take(m.get("max_body_size"), _positive_size, d.max_body_size),
         admin=_admin(r, m.get("admin")),
         shutdown_grace=r.take(m.get("shutdown_grace"), parse_duration, d.shutdown_grace),
+        drain_delay=r.take(m.get("drain_delay"), parse_duration, d.drain_delay),
     )
     admin = server.admin
     if admin is not None and (admin.host, admin.port) == (server.host, server.port):

@@ -1,8 +1,9 @@
 """The serving process: listeners up, signals handled, drained on the way out.
 
-- SIGTERM / SIGINT: ``/readyz`` turns 503, the listeners close (no new connections), the
-  requests in flight — streams included — finish within ``server.shutdown_grace``, then the
-  process exits 0.
+- SIGTERM / SIGINT: ``/readyz`` turns 503 and responses say ``Connection: close``; after
+  ``server.drain_delay`` (default 0) the listeners close (no new connections), the requests
+  in flight — streams included — finish within ``server.shutdown_grace``, then the process
+  exits 0.
 - SIGHUP: the config file and the keys are read again. A valid config becomes a new gateway
   that serves every new request, while the requests in flight finish on the old one; an
   invalid one is refused with its ``FILE:LINE: path: message`` lines logged, and the old
@@ -34,6 +35,7 @@ log = logging.getLogger("gateway")
 
 # Server settings a reload cannot change: they are sockets and processes already running.
 RESTART_ONLY = ("host", "port", "admin", "workers", "max_body_size", "shutdown_grace")
+# drain_delay is read at SIGTERM from the serving gateway's settings, so a reload changes it.
 
 
 async def serve(
@@ -66,8 +68,14 @@ async def serve(
     finally:
         if orphan_watch is not None:
             orphan_watch.cancel()
-        log.info("gateway stopping: draining in-flight requests")
         app[LIVE].drain()
+        delay = app[LIVE].current.settings.server.drain_delay
+        if delay > 0:
+            # Still accepting, answering /readyz 503 and "Connection: close", until the load
+            # balancer has noticed; closing first would race requests it is already sending.
+            log.info("gateway stopping: /readyz is 503; accepting for %.1fs more", delay)
+            await asyncio.sleep(delay)
+        log.info("gateway stopping: draining in-flight requests")
         if reloader is not None:
             loop.remove_signal_handler(signal.SIGHUP)
             await reloader.wait()

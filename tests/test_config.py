@@ -542,12 +542,13 @@ def test_bad_units_are_refused(parse, value: object) -> None:  # type: ignore[no
 
 def test_units_in_a_file() -> None:
     text = (
-        "server:\n  max_body_size: 512KiB\n  shutdown_grace: 5s\n"
+        "server:\n  max_body_size: 512KiB\n  shutdown_grace: 5s\n  drain_delay: 1500ms\n"
         "tokens:\n  access_ttl: 15m\n  refresh_ttl: 30d\n  leeway: 0s\n"
         "accounts:\n  login_rate_limit: 3/h\n" + ROUTE
     )
     s = load(write(text), {})
     assert (s.server.max_body_size, s.server.shutdown_grace) == (524288, 5.0)
+    assert s.server.drain_delay == 1.5
     assert (s.tokens.access_ttl, s.tokens.refresh_ttl, s.tokens.leeway) == (900.0, 2592000.0, 0.0)
     assert s.accounts.login_rate_limit == Rate(3, 3600.0)
 

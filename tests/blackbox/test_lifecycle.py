@@ -241,3 +241,32 @@ async def test_sighup_under_load_drops_no_request(
     await wait_for_log(gw, "configuration reloaded")
     assert len(statuses) == 320 and set(statuses) == {200}
     assert gw.log().count("configuration reloaded") >= 1
+
+
+async def test_drain_delay_keeps_accepting_with_readyz_503_and_connection_close(
+    tmp_path: Path, upstream: Upstream, echo_upstream: Echo
+) -> None:
+    gw = launch_gateway(
+        tmp_path,
+        echo_upstream,
+        extra="server: {shutdown_grace: 10s, drain_delay: 2s}",
+        routes=routes(upstream, echo_upstream),
+    )
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{gw.url}/readyz") as resp:
+                assert resp.status == 200 and resp.headers.get("Connection") != "close"
+            gw.proc.send_signal(signal.SIGTERM)
+            await wait_for_log(gw, "accepting for 2.0s more")
+            # A load balancer's next check and requests still get answers, told to go away.
+            async with s.get(f"{gw.url}/readyz") as resp:
+                assert resp.status == 503 and resp.headers["Connection"] == "close"
+            async with s.get(f"{gw.url}/slow/drain/echo") as resp:
+                assert resp.status == 200 and resp.headers["Connection"] == "close"
+        await wait_for_log(gw, "draining in-flight requests")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as fresh:
+                await fetch(fresh, f"{gw.url}/healthz")
+        assert await asyncio.to_thread(exit_code, gw.proc, 15) == 0
+    finally:
+        stop_process(gw.proc)
