@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -34,6 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.blackbox.conftest import stop_process_group
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 START_TIMEOUT = 15.0  # seconds until the listener accepts and every replica is UP
@@ -187,15 +187,7 @@ def _wait_ready(proxy: HAProxy, count: int) -> None:
 
 def stop_haproxy(proxy: HAProxy) -> None:
     """SIGTERM (HAProxy's hard stop); SIGKILL to its process group if it lingers."""
-    proc = proxy.proc
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(STOP_TIMEOUT)
+    stop_process_group(proxy.proc, STOP_TIMEOUT)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -21,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.blackbox.conftest import stop_process_group
 
 SNIPPETS = Path(__file__).resolve().parents[2] / "docs" / "forward-auth"
 NGINX_SNIPPET = SNIPPETS / "nginx.conf"
@@ -165,15 +166,7 @@ def stop_proxy(proxy: Proxy) -> None:
     """SIGTERM (nginx: fast shutdown, its workers exit with it); SIGKILL to the process group
     we created if it does not exit in time (the leader is not reaped yet, so the group id is
     still ours)."""
-    proc = proxy.proc
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(STOP_TIMEOUT)
+    stop_process_group(proxy.proc, STOP_TIMEOUT)
 
 
 @contextmanager
