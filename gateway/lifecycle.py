@@ -27,11 +27,13 @@ from gateway.app import LIVE, METRICS, LiveGateway, create_admin_app, create_app
 from gateway.config import ServerSettings, Settings
 from gateway.errors import ConfigError
 from gateway.server import GatewayRunner
-from gateway.workers import SUPERVISOR_ENV
 
 __all__ = ["serve"]
 
 log = logging.getLogger("gateway")
+
+WORKER_ENV = "GATEWAY_WORKER"  # set in a worker's environment (gateway.workers): its index
+SUPERVISOR_ENV = "GATEWAY_SUPERVISOR_PID"  # and whom it answers to
 
 # Server settings a reload cannot change: they are sockets and processes already running.
 RESTART_ONLY = ("host", "port", "admin", "workers", "max_body_size", "shutdown_grace")
@@ -135,15 +137,8 @@ class Reloader:
     async def _reload(self) -> None:
         async with self._lock:
             log.info("SIGHUP: reloading the configuration")
-            try:
-                settings = await asyncio.to_thread(self._read)
-            except ConfigError as err:
-                for problem in err.problems:
-                    log.error("reload refused: %s", problem)
-                log.error("reload refused: the running configuration stays")
-                return
-            except Exception as err:  # unreadable file and kin: same answer, one line
-                log.error("reload refused: %s; the running configuration stays", err)
+            settings = await read_for_reload(self._read)
+            if settings is None:
                 return
             _warn_restart_only(self._live.current.settings.server, settings.server)
             try:
@@ -152,6 +147,20 @@ class Reloader:
                 log.error("reload refused: the new configuration cannot start: %s", err)
                 return
             log.info("configuration reloaded: new requests use it")
+
+
+async def read_for_reload(read: Callable[[], Settings]) -> Settings | None:
+    """The config read again, or None after logging why it is refused (every
+    ``FILE:LINE: path: message``): the running configuration then stays."""
+    try:
+        return await asyncio.to_thread(read)
+    except ConfigError as err:
+        for problem in err.problems:
+            log.error("reload refused: %s", problem)
+        log.error("reload refused: the running configuration stays")
+    except Exception as err:  # unreadable file and kin: same answer, one line
+        log.error("reload refused: %s; the running configuration stays", err)
+    return None
 
 
 def _warn_restart_only(old: ServerSettings, new: ServerSettings) -> None:

@@ -37,15 +37,13 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.errors import ConfigError
+from gateway.lifecycle import SUPERVISOR_ENV, WORKER_ENV, read_for_reload
 from gateway.server import GatewayRunner
 
 __all__ = ["SUPERVISOR_ENV", "WORKER_ENV", "Supervisor", "worker_count"]
 
 log = logging.getLogger("gateway")
 
-WORKER_ENV = "GATEWAY_WORKER"  # set in a worker's environment: its index
-SUPERVISOR_ENV = "GATEWAY_SUPERVISOR_PID"  # and whom it answers to
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client in every worker
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets its back-off
@@ -153,16 +151,8 @@ class Supervisor:
         return 0 if not failed else 1
 
     async def _reload(self) -> None:
-        try:
-            await asyncio.to_thread(self._read)
-        except ConfigError as err:
-            for problem in err.problems:
-                log.error("reload refused: %s", problem)
-            log.error("reload refused: the running configuration stays")
-            return
-        except Exception as err:
-            log.error("reload refused: %s; the running configuration stays", err)
-            return
+        if await read_for_reload(self._read) is None:
+            return  # refused here, with its reasons logged: the workers never see it
         for worker in self._workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGHUP)
