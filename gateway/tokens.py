@@ -40,7 +40,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
-from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
 from gateway.config import TokenSettings
 from gateway.errors import InvalidToken
@@ -461,54 +460,13 @@ class TokenService:
         return key
 
     def _decode(self, token: str, key: Any) -> dict[str, Any]:
-        """Signature, then claims: what ``jwt.decode`` checks, at a third of its cost.
-
-        PyJWT validates each segment's base64 character by character (half of a verification
-        here); the token's shape is already checked by a regex in ``_unverified_header``, so
-        the segments only need the canonical-form check. The signature is checked by PyJWT's
-        own algorithm object, with the key parsed once in the key ring.
-        """
-        head, payload_segment, signature_segment = token.split(".")
-        payload = _canonical_b64decode(payload_segment)
-        signature = _canonical_b64decode(signature_segment)
-        signing_input = f"{head}.{payload_segment}".encode("ascii")
-        try:
-            valid = self._verifier.verify(signing_input, self._verifier.prepare_key(key), signature)
-        except Exception:  # a crafted signature must never become a 500
-            valid = False
-        if not valid:
-            raise InvalidToken("signature")
-        try:
-            claims = json.loads(payload)
-        except (ValueError, RecursionError):
-            raise InvalidToken("malformed") from None
-        if not isinstance(claims, dict):
-            raise InvalidToken("malformed")
-        self._check_claims(claims)
-        return claims
-
-    def _check_claims(self, claims: dict[str, Any]) -> None:
-        """PyJWT's claim rules, in its order (so a token with several faults gets the same
-        reason): required present, ``iss`` equal, ``aud`` holding ours, ``sub`` and ``jti``
-        strings. Times are ``check_times``'s."""
-        for name in _REQUIRED_CLAIMS:
-            if claims.get(name) is None:
-                raise InvalidToken("missing_claim")
-        if not isinstance(claims["iss"], str) or claims["iss"] != self._settings.issuer:
-            raise InvalidToken("issuer")
-        audiences = claims["aud"]
-        if not audiences:
-            raise InvalidToken("missing_claim")
-        if isinstance(audiences, str):
-            audiences = [audiences]
-        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
-            raise InvalidToken("audience")
-        if self._settings.audience not in audiences:
-            raise InvalidToken("audience")
-        if not isinstance(claims["sub"], str):
-            raise InvalidToken("malformed_claims")
-        if "jti" in claims and not isinstance(claims["jti"], str):
-            raise InvalidToken("malformed_claims")
+        return verify_signed(
+            token,
+            self._verifier,
+            key,
+            issuer=self._settings.issuer,
+            audience=self._settings.audience,
+        )
 
     def _check_times(self, claims: dict[str, Any]) -> None:
         check_times(claims, now=self._clock(), leeway=self._leeway)
@@ -532,6 +490,71 @@ def check_header(header: Mapping[str, Any], algorithms: Collection[str]) -> str:
     if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
         raise InvalidToken("typ")
     return algorithm
+
+
+def verify_signed(
+    token: str,
+    algorithm: Any,
+    key: Any,
+    *,
+    issuer: str,
+    audience: str,
+    required: Sequence[str] = _REQUIRED_CLAIMS,
+) -> dict[str, Any]:
+    """The claims of a compact JWS whose header ``check_header`` accepted: signature first,
+    then PyJWT's claim rules — what ``jwt.decode`` checks, at a third of its cost.
+
+    ``algorithm`` is PyJWT's algorithm object (``jwt.get_algorithm_by_name``), ``key`` a
+    parsed key. PyJWT validates each segment's base64 character by character (half of a
+    verification); ``_unverified_header`` has already checked the alphabet with one regex, so
+    the segments only need the canonical-form check. Raises ``InvalidToken("signature")``
+    for a signature that does not verify (the caller may try another key), other reasons
+    for anything else.
+    """
+    head, payload_segment, signature_segment = token.split(".")
+    payload = _canonical_b64decode(payload_segment)
+    signature = _canonical_b64decode(signature_segment)
+    signing_input = f"{head}.{payload_segment}".encode("ascii")
+    try:
+        valid = algorithm.verify(signing_input, algorithm.prepare_key(key), signature)
+    except Exception:  # a crafted signature must never become a 500
+        valid = False
+    if not valid:
+        raise InvalidToken("signature")
+    try:
+        claims = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise InvalidToken("malformed") from None
+    if not isinstance(claims, dict):
+        raise InvalidToken("malformed")
+    _check_claims(claims, issuer=issuer, audience=audience, required=required)
+    return claims
+
+
+def _check_claims(
+    claims: dict[str, Any], *, issuer: str, audience: str, required: Sequence[str]
+) -> None:
+    """PyJWT's claim rules, in its order (so a token with several faults gets the same
+    reason): required present, ``iss`` equal, ``aud`` holding ours, ``sub`` and ``jti``
+    strings. Times are ``check_times``'s."""
+    for name in required:
+        if claims.get(name) is None:
+            raise InvalidToken("missing_claim")
+    if not isinstance(claims["iss"], str) or claims["iss"] != issuer:
+        raise InvalidToken("issuer")
+    audiences = claims["aud"]
+    if not audiences:
+        raise InvalidToken("missing_claim")
+    if isinstance(audiences, str):
+        audiences = [audiences]
+    if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+        raise InvalidToken("audience")
+    if audience not in audiences:
+        raise InvalidToken("audience")
+    if not isinstance(claims["sub"], str):
+        raise InvalidToken("malformed_claims")
+    if "jti" in claims and not isinstance(claims["jti"], str):
+        raise InvalidToken("malformed_claims")
 
 
 def check_times(claims: Mapping[str, Any], *, now: float, leeway: float) -> None:
@@ -618,25 +641,3 @@ def _timestamp(claims: Mapping[str, Any], name: str) -> float | None:
     if not math.isfinite(number):
         raise InvalidToken("malformed_claims")
     return number
-
-
-# Most specific first: several PyJWT errors subclass DecodeError.
-_REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
-    (jwt.InvalidSignatureError, "signature"),
-    (jwt.ExpiredSignatureError, "expired"),
-    (jwt.ImmatureSignatureError, "not_yet_valid"),
-    (jwt.InvalidIssuerError, "issuer"),
-    (jwt.InvalidAudienceError, "audience"),
-    (jwt.MissingRequiredClaimError, "missing_claim"),
-    (jwt.InvalidAlgorithmError, "algorithm"),
-    (InvalidSubjectError, "malformed_claims"),
-    (jwt.InvalidIssuedAtError, "malformed_claims"),
-    (InvalidJTIError, "malformed_claims"),
-)
-
-
-def _reason(exc: jwt.PyJWTError) -> str:
-    for kind, reason in _REASONS:
-        if isinstance(exc, kind):
-            return reason
-    return "malformed"
