@@ -276,6 +276,16 @@ class Forwarder:
         return BadGateway("The upstream service is unreachable or answered badly.")
 
     async def _relay(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+        whole = upstream.arrived_whole()
+        if whole is not None:
+            # The whole answer is already here: head and body go out in one write. Nothing
+            # waited for it, so this is still streaming, not buffering.
+            return web.Response(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=clean_response_headers(upstream.headers),
+                body=whole,
+            )
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,

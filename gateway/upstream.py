@@ -433,6 +433,14 @@ class UpstreamResponse:
         """True when the whole body was read."""
         return self._conn.at_eof()
 
+    def arrived_whole(self) -> bytes | None:
+        """The whole body if it has already arrived with the head (a small answer), else None;
+        never waits. Taken, it counts as read."""
+        conn = self._conn
+        if not conn.complete or conn.error is not None:
+            return None
+        return conn._take() if conn.body else b""
+
     def release(self) -> None:
         """Give the connection back to the pool, or close it when it cannot be reused."""
         if not self._released:

@@ -427,6 +427,9 @@ async def test_head_passes_through_without_a_body(gw: Gateway, upstream: Upstrea
     assert raw.status == 200
     assert raw.all("X-Upstream") == ["A"]
     assert raw.after_head == b""
+    # The length of the body a GET would get, as the upstream said: not the 0 sent here.
+    [length] = raw.all("Content-Length")
+    assert int(length) > 0
     stats = await upstream.counters(path)
     assert stats is not None and stats["methods"] == ["HEAD"]
 
