@@ -29,10 +29,9 @@ never part of an error or a repr.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -40,7 +39,14 @@ from urllib.parse import urlsplit
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from gateway.accounts.models import RefreshRecord, User
-from gateway.accounts.store import StoreError, StoreUnavailable
+from gateway.accounts.store import (
+    USER_COLUMNS,
+    StoreError,
+    StoreUnavailable,
+    user_changes,
+    user_from_row,
+    user_row,
+)
 from gateway.errors import EmailTaken
 
 T = TypeVar("T")
@@ -104,7 +110,6 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
 )
 
-_USER_COLUMNS = "id, email, email_key, name, roles, password_hash, created_at, disabled"
 _REFRESH_SELECT = """
     SELECT t.token_hash, t.user_id, t.family_id, t.created_at, t.expires_at, t.spent_at,
            f.revoked_at IS NOT NULL
@@ -310,33 +315,26 @@ class PostgresStore:
 
     async def create_user(self, user: User) -> None:
         await self._execute(
-            f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            user.id,
-            user.email,
-            user.email_key,
-            user.name,
-            json.dumps(list(user.roles)),
-            user.password_hash,
-            float(user.created_at),
-            int(user.disabled),
+            f"INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            *user_row(user),
         )
 
     async def get_user(self, user_id: str) -> User | None:
-        row = await self._fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
-        return _user(row) if row else None
+        row = await self._fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        return user_from_row(row) if row else None
 
     async def get_user_by_email(self, email_key: str) -> User | None:
         row = await self._fetchrow(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE email_key = $1", email_key
+            f"SELECT {USER_COLUMNS} FROM users WHERE email_key = $1", email_key
         )
-        return _user(row) if row else None
+        return user_from_row(row) if row else None
 
     async def list_users(self) -> list[User]:
         # COLLATE "C": the byte order SQLite uses, whatever the database's locale.
         rows = await self._fetch(
-            f'SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, email_key COLLATE "C"'
+            f'SELECT {USER_COLUMNS} FROM users ORDER BY created_at, email_key COLLATE "C"'
         )
-        return [_user(row) for row in rows]
+        return [user_from_row(row) for row in rows]
 
     async def update_user(
         self,
@@ -346,24 +344,18 @@ class PostgresStore:
         disabled: bool | None = None,
         password_hash: str | None = None,
     ) -> User | None:
-        changes: list[tuple[str, Any]] = []
-        if roles is not None:
-            changes.append(("roles", json.dumps(list(roles))))
-        if disabled is not None:
-            changes.append(("disabled", int(disabled)))
-        if password_hash is not None:
-            changes.append(("password_hash", password_hash))
+        changes = user_changes(roles=roles, disabled=disabled, password_hash=password_hash)
         if not changes:
             return await self.get_user(user_id)
         # Column names come from the fixed tuple above, never from input. One statement:
         # the row returned is the row written.
         assignments = ", ".join(f"{column} = ${n}" for n, (column, _) in enumerate(changes, 2))
         row = await self._fetchrow(
-            f"UPDATE users SET {assignments} WHERE id = $1 RETURNING {_USER_COLUMNS}",
+            f"UPDATE users SET {assignments} WHERE id = $1 RETURNING {USER_COLUMNS}",
             user_id,
             *(value for _, value in changes),
         )
-        return _user(row) if row else None
+        return user_from_row(row) if row else None
 
     # --- refresh tokens ----------------------------------------------------------------------
 
@@ -500,17 +492,3 @@ def _rowcount(status: str) -> int:
     """Rows touched, from a command tag: ``UPDATE 3``, ``DELETE 0``, ``INSERT 0 1``."""
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
-
-
-def _user(row: Sequence[Any]) -> User:
-    roles = json.loads(row[4])
-    return User(
-        id=row[0],
-        email=row[1],
-        email_key=row[2],
-        name=row[3],
-        roles=tuple(str(role) for role in roles),
-        password_hash=row[5],
-        created_at=float(row[6]),
-        disabled=bool(row[7]),
-    )

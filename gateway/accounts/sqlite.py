@@ -14,7 +14,6 @@ roles as JSON text, booleans as 0/1 integers. It evolves only by appending to
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 import uuid
@@ -26,7 +25,14 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from gateway.accounts.models import RefreshRecord, User
-from gateway.accounts.store import StoreError, StoreUnavailable
+from gateway.accounts.store import (
+    USER_COLUMNS,
+    StoreError,
+    StoreUnavailable,
+    user_changes,
+    user_from_row,
+    user_row,
+)
 from gateway.errors import EmailTaken
 
 T = TypeVar("T")
@@ -78,7 +84,6 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
 )
 
-_USER_COLUMNS = "id, email, email_key, name, roles, password_hash, created_at, disabled"
 _REFRESH_SELECT = """
     SELECT t.token_hash, t.user_id, t.family_id, t.created_at, t.expires_at, t.spent_at,
            f.revoked_at IS NOT NULL
@@ -252,34 +257,25 @@ class SqliteStore:
 
     async def create_user(self, user: User) -> None:
         await self._execute(
-            f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                user.id,
-                user.email,
-                user.email_key,
-                user.name,
-                json.dumps(list(user.roles)),
-                user.password_hash,
-                user.created_at,
-                int(user.disabled),
-            ),
+            f"INSERT INTO users ({USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            user_row(user),
         )
 
     async def get_user(self, user_id: str) -> User | None:
-        row = await self._fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
-        return _user(row) if row else None
+        row = await self._fetchone(f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        return user_from_row(row) if row else None
 
     async def get_user_by_email(self, email_key: str) -> User | None:
         row = await self._fetchone(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE email_key = ?", (email_key,)
+            f"SELECT {USER_COLUMNS} FROM users WHERE email_key = ?", (email_key,)
         )
-        return _user(row) if row else None
+        return user_from_row(row) if row else None
 
     async def list_users(self) -> list[User]:
         rows = await self._fetchall(
-            f"SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, email_key"
+            f"SELECT {USER_COLUMNS} FROM users ORDER BY created_at, email_key"
         )
-        return [_user(row) for row in rows]
+        return [user_from_row(row) for row in rows]
 
     async def update_user(
         self,
@@ -289,13 +285,7 @@ class SqliteStore:
         disabled: bool | None = None,
         password_hash: str | None = None,
     ) -> User | None:
-        changes: list[tuple[str, Any]] = []
-        if roles is not None:
-            changes.append(("roles", json.dumps(list(roles))))
-        if disabled is not None:
-            changes.append(("disabled", int(disabled)))
-        if password_hash is not None:
-            changes.append(("password_hash", password_hash))
+        changes = user_changes(roles=roles, disabled=disabled, password_hash=password_hash)
 
         async def update(conn: aiosqlite.Connection) -> User | None:
             if changes:
@@ -306,10 +296,10 @@ class SqliteStore:
                     [value for _, value in changes] + [user_id],
                 )
             async with conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,)
+                f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", (user_id,)
             ) as cur:
                 row = await cur.fetchone()
-            return _user(row) if row else None
+            return user_from_row(row) if row else None
 
         return await self._run(update)
 
@@ -407,17 +397,3 @@ class SqliteStore:
 
     async def prune_events(self, before: float) -> int:
         return await self._execute("DELETE FROM rate_events WHERE at <= ?", (before,))
-
-
-def _user(row: Sequence[Any]) -> User:
-    roles = json.loads(row[4])
-    return User(
-        id=row[0],
-        email=row[1],
-        email_key=row[2],
-        name=row[3],
-        roles=tuple(str(role) for role in roles),
-        password_hash=row[5],
-        created_at=float(row[6]),
-        disabled=bool(row[7]),
-    )

@@ -24,10 +24,58 @@ Guarantees every implementation must keep:
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from gateway.accounts.models import RefreshRecord, User
 from gateway.errors import ServiceUnavailable
+
+# The users table, the same in every backend: its columns, and a User to and from a row.
+USER_COLUMNS = "id, email, email_key, name, roles, password_hash, created_at, disabled"
+
+
+def user_row(user: User) -> tuple[Any, ...]:
+    """``user`` as the values of ``USER_COLUMNS``."""
+    return (
+        user.id,
+        user.email,
+        user.email_key,
+        user.name,
+        json.dumps(list(user.roles)),
+        user.password_hash,
+        float(user.created_at),
+        int(user.disabled),
+    )
+
+
+def user_from_row(row: Sequence[Any]) -> User:
+    """A row of ``USER_COLUMNS`` as a User."""
+    return User(
+        id=row[0],
+        email=row[1],
+        email_key=row[2],
+        name=row[3],
+        roles=tuple(str(role) for role in json.loads(row[4])),
+        password_hash=row[5],
+        created_at=float(row[6]),
+        disabled=bool(row[7]),
+    )
+
+
+def user_changes(
+    *, roles: tuple[str, ...] | None, disabled: bool | None, password_hash: str | None
+) -> list[tuple[str, Any]]:
+    """``update_user``'s arguments as ``(column, value)`` pairs, None meaning unchanged.
+    Column names come from this fixed list, never from input."""
+    changes: list[tuple[str, Any]] = []
+    if roles is not None:
+        changes.append(("roles", json.dumps(list(roles))))
+    if disabled is not None:
+        changes.append(("disabled", int(disabled)))
+    if password_hash is not None:
+        changes.append(("password_hash", password_hash))
+    return changes
 
 
 class StoreError(Exception):
