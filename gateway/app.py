@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -526,11 +527,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     return app
 
 
-def create_admin_app(metrics: Metrics) -> web.Application:
-    """The admin listener: ``/metrics`` lives here, never on the public port."""
+class RendersMetrics(Protocol):
+    def render(self) -> tuple[bytes, str]: ...
+
+
+def create_admin_app(metrics: RendersMetrics) -> web.Application:
+    """The admin listener: ``/metrics`` lives here, never on the public port. ``metrics``
+    is this process's, or (``gateway.workers``) every worker's summed."""
 
     async def render_metrics(request: web.Request) -> web.Response:
-        body, content_type = metrics.render()
+        # Off the loop: a scrape must not hold up requests while the text is put together.
+        body, content_type = await asyncio.to_thread(metrics.render)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.app import create_admin_app
 from gateway.config import Settings
 from gateway.lifecycle import SUPERVISOR_ENV, WORKER_ENV, read_for_reload
 from gateway.server import GatewayRunner
@@ -163,7 +164,7 @@ class Supervisor:
         admin = self.settings.server.admin
         if admin is None:
             return None
-        runner = GatewayRunner(_admin_app(self._metrics_dir))
+        runner = GatewayRunner(create_admin_app(_AllWorkers(self._metrics_dir)))
         await runner.setup()
         await web.TCPSite(runner, admin.host, admin.port).start()
         return runner
@@ -187,21 +188,17 @@ def _mark_dead(pid: int, metrics_dir: str) -> None:
         log.warning("could not clear the metrics of worker pid %d: %s", pid, err)
 
 
-def _admin_app(metrics_dir: str) -> web.Application:
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
+class _AllWorkers:
+    """Every worker's metrics, summed from their files (prometheus-client multiprocess)."""
 
-    async def render_metrics(request: web.Request) -> web.Response:
+    def __init__(self, metrics_dir: str) -> None:
+        self._metrics_dir = metrics_dir
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-        body = await asyncio.to_thread(generate_latest, registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    app = web.Application()
-    app.router.add_get("/metrics", render_metrics)
-    app.router.add_get("/healthz", healthz)
-    return app
+        MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
