@@ -27,7 +27,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.blackbox.conftest import free_port
+from tests.blackbox.conftest import free_port, stop_process
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 PROVIDER_SCRIPT = NODE_DIR / "provider.mjs"
@@ -173,14 +173,8 @@ class OidcProvider:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc)
 
     def restart(self, keys: list[SigningKey]) -> OidcProvider:
         self.stop()
