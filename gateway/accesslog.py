@@ -5,66 +5,30 @@ upstream, and nothing a log reader could abuse: no tokens, no passwords, no cook
 strings (they may carry secrets). The client-chosen parts (the path, cut at 1 KiB, and the
 request id) are JSON-escaped, so one request is always exactly one line (UTF-8 JSON).
 
-The request handler notes what it learns on the request (``note_*`` below); aiohttp calls
-:class:`JsonAccessLogger` once the response is complete, so ``bytes`` is what was sent to the
-client, status line and headers included (nginx's ``$bytes_sent``).
+The request handler notes what it learns on the :class:`~gateway.server.Exchange` (route,
+caller, auth outcome, upstream time); the edge calls :func:`write_line` once the response is
+complete, so ``bytes`` is what was sent to the client, status line and headers included
+(nginx's ``$bytes_sent``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from typing import BinaryIO, TextIO
 
 import orjson
-from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_request import BaseRequest
 
-from gateway.middleware import REQUEST_ID
+from gateway.server import Exchange
 
-__all__ = [
-    "ACCESS_LOGGER",
-    "AUTH",
-    "JsonAccessLogger",
-    "note_auth",
-    "note_route",
-    "send_to",
-    "note_upstream",
-]
+__all__ = ["ACCESS_LOGGER", "send_to", "write_line"]
 
 ACCESS_LOGGER = logging.getLogger("gateway.access")
 
 _PID = os.getpid()
 MAX_PATH = 1024  # a log line stays a line, not a megabyte
-
-# What the gateway found out about one request, noted on the request object.
-ROUTE = web.RequestKey("access_route", str)
-USER_ID = web.RequestKey("access_user_id", str)
-AUTH = web.RequestKey("access_auth", str)
-AUTH_REASON = web.RequestKey("access_auth_reason", str)
-UPSTREAM_SECONDS = web.RequestKey("access_upstream_seconds", float)
-
-
-def note_route(request: web.Request, route: str) -> None:
-    request[ROUTE] = route
-
-
-def note_auth(
-    request: web.Request, outcome: str, *, user_id: str | None = None, reason: str | None = None
-) -> None:
-    """``outcome``: ``ok`` (a verified caller), ``none`` (no credential looked at),
-    ``refused`` (401) or ``forbidden`` (403); ``reason`` the error code for the last two."""
-    request[AUTH] = outcome
-    if user_id is not None:
-        request[USER_ID] = user_id
-    if reason is not None:
-        request[AUTH_REASON] = reason
-
-
-def note_upstream(request: web.Request, seconds: float) -> None:
-    request[UPSTREAM_SECONDS] = seconds
 
 
 _stream: BinaryIO | None = None  # set by send_to: lines are written to it directly
@@ -84,37 +48,54 @@ def send_to(stream: TextIO) -> None:
     ACCESS_LOGGER.propagate = False
 
 
-class JsonAccessLogger(AbstractAccessLogger):
-    """aiohttp's access-log hook, writing one JSON line to ``gateway.access``."""
+def write_line(exchange: Exchange, seconds: float) -> None:
+    """The access line of one finished exchange."""
+    if _stream is None and not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "time": _utc_now(),
+        "request_id": exchange.request_id or None,
+        "pid": _PID,  # which worker, when there are several
+        "remote": exchange.remote,
+        "method": exchange.method,
+        "path": _path_of(exchange.target)[:MAX_PATH],
+        "route": exchange.route,
+        "status": exchange.status,
+        "bytes": exchange.bytes_sent,
+        "duration_ms": round(seconds * 1000, 3),
+        "upstream_ms": _ms(exchange.upstream_seconds),
+        "user_id": exchange.user_id,
+        "auth": exchange.auth,
+        "auth_reason": exchange.auth_reason,
+    }
+    # orjson: the line costs a microsecond or two, where json.dumps took tens.
+    data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+    if _stream is None:
+        ACCESS_LOGGER.info(data[:-1].decode())
+        return
+    # Lines are visible at once (container logs), yet written once per event-loop turn: under
+    # load many requests finish in one turn, and each write is a system call.
+    if not _pending:
+        asyncio.get_running_loop().call_soon(_flush)
+    _pending.append(data)
 
-    def log(self, request: BaseRequest, response: web.StreamResponse, time_: float) -> None:
-        line = {
-            "time": _utc_now(),
-            "request_id": request.get(REQUEST_ID),
-            "pid": _PID,  # which worker, when there are several
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.rel_url.raw_path[:MAX_PATH],
-            "route": request.get(ROUTE),
-            "status": response.status,
-            "bytes": response.body_length,
-            "duration_ms": round(time_ * 1000, 3),
-            "upstream_ms": _ms(request.get(UPSTREAM_SECONDS)),
-            "user_id": request.get(USER_ID),
-            "auth": request.get(AUTH, "none"),
-            "auth_reason": request.get(AUTH_REASON),
-        }
-        # orjson: the line costs a microsecond or two, where json.dumps took tens.
-        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
-        if _stream is None:
-            self.logger.info(data[:-1].decode())
-            return
-        _stream.write(data)
-        _stream.flush()  # a line per request, visible at once (container logs)
 
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+_pending: list[bytes] = []
+
+
+def _flush() -> None:
+    if _stream is None:
+        return
+    lines = b"".join(_pending)
+    _pending.clear()
+    _stream.write(lines)
+    _stream.flush()
+
+
+def _path_of(target: str) -> str:
+    if not target.startswith("/"):  # absolute-form: the origin is not part of the path
+        target = "/" + target.partition("://")[2].partition("/")[2]
+    return target.partition("?")[0].partition("#")[0]
 
 
 def _ms(seconds: float | None) -> float | None:

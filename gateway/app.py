@@ -15,25 +15,25 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway import accesslog
 from gateway import headers as hdr
 from gateway.accounts import AccountService, open_store
 from gateway.accounts.store import StoreUnavailable
 from gateway.config import Settings
-from gateway.errors import Forbidden, InvalidInput, MethodNotAllowed, Unauthorized
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    InvalidInput,
+    MethodNotAllowed,
+    Unauthorized,
+)
 from gateway.handlers import Handler, OwnEndpoints
 from gateway.identity import Identity
 from gateway.issuers import ExternalVerifier
 from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
-from gateway.middleware import (
-    REQUEST_ID,
-    make_cors_hook,
-    preflight_response,
-    problem_middleware,
-)
+from gateway.middleware import CorsHeaders, preflight_response, problem_for
 from gateway.passwords import PasswordHasher
 from gateway.policy import bearer_token, decide
 from gateway.proxy import Forwarder, is_websocket_upgrade
@@ -44,13 +44,24 @@ from gateway.routing import (
     request_target,
     valid_host,
 )
-from gateway.server import DEFAULT_LIMITS
+from gateway.server import EDGE_HANDLER, Exchange
 from gateway.tokencache import VerifiedTokens
 from gateway.tokens import KeyRing, TokenService
 
 log = logging.getLogger("gateway")
 
 METRICS = web.AppKey("metrics", Metrics)
+
+
+class _Peer(Protocol):
+    """What the client-address rules read: an ``Exchange`` or an aiohttp request."""
+
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+
 PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
 POOL_REPORT_INTERVAL = 5.0
 STORE_START_WAIT = 5.0  # how long start waits for a database server before serving anyway
@@ -85,7 +96,7 @@ class Gateway:
             route.name: tuple(dict.fromkeys(str(URL(u).origin()) for u in route.upstreams))
             for route in settings.routes
         }
-        self.cors_hook = make_cors_hook(settings.cors)
+        self.cors_headers = CorsHeaders(settings.cors)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
@@ -245,10 +256,10 @@ class Gateway:
         if outcome == "ok":
             self.verified.clear()  # a key may have been withdrawn: verify everything again
 
-    def peer_trusted(self, request: web.Request) -> bool:
+    def peer_trusted(self, request: _Peer) -> bool:
         return self.header_policy.trusts(request.remote)
 
-    def client_ip(self, request: web.Request) -> str:
+    def client_ip(self, request: _Peer) -> str:
         return hdr.client_ip(
             request.remote,
             request.headers.getall("X-Forwarded-For", []),
@@ -257,73 +268,83 @@ class Gateway:
 
     # -- the request path ------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        request[REQUEST_ID] = hdr.request_id(request.headers.get("X-Request-Id"))
+    async def handle(self, exchange: Exchange) -> None:
+        """Serve one request: a CORS preflight, one of the gateway's endpoints, or a route.
+        Whatever goes wrong before the response started is answered as problem+json."""
+        request_id = hdr.request_id(exchange.headers.get("X-Request-Id"))
+        exchange.request_id = request_id
+        exchange.extra_headers = [("X-Request-Id", request_id)]
+        exchange.extra_headers += self.cors_headers(exchange.headers.get("Origin"))
+        if self.draining:
+            exchange.keep_alive = False  # a client reusing the connection learns it now
+        exchange.route = NO_ROUTE
         started = time.perf_counter()
-        label, status = NO_ROUTE, 500
         try:
-            preflight = preflight_response(request, self.settings.cors)
-            if preflight is not None:
-                label = OWN_ENDPOINT
-                response: web.StreamResponse = preflight
-            else:
-                target = request_target(request.raw_path, request.headers.get("Host"))
-                path = canonical_path(target.path)
-                own = self.own.table.get(path)
-                if own is not None:
-                    label = OWN_ENDPOINT
-                    response = await self._own_endpoint(request, own)
-                else:
-                    match = self.routes.match(request.method, target.host, path)
-                    label = match.route.name
-                    response = await self._proxy(request, match, target.host)
-            status = response.status
-            return response
-        except (Unauthorized, Forbidden) as err:
+            await self._dispatch(exchange)
+        except Exception as exc:
+            self._refuse(exchange, problem_for(exc, f"{exchange.method} {exchange.target[:200]}"))
+        finally:
+            status = exchange.status or 500
+            self.metrics.request_done(exchange.route, status, time.perf_counter() - started)
+
+    async def _dispatch(self, exchange: Exchange) -> None:
+        preflight = preflight_response(exchange, self.settings.cors)
+        if preflight is not None:
+            exchange.route = OWN_ENDPOINT
+            await exchange.send_response(preflight)
+            return
+        target = request_target(exchange.target, exchange.headers.get("Host"))
+        path = canonical_path(target.path)
+        own = self.own.table.get(path)
+        if own is not None:
+            exchange.route = OWN_ENDPOINT
+            await self._own_endpoint(exchange, own)
+            return
+        match = self.routes.match(exchange.method, target.host, path)
+        exchange.route = match.route.name
+        await self._proxy(exchange, match, target.host)
+
+    def _refuse(self, exchange: Exchange, err: GatewayError) -> None:
+        if isinstance(err, Unauthorized | Forbidden):
             reason = getattr(err, "reason", err.code)
             self.metrics.auth_failures.labels(reason).inc()
-            outcome = "refused" if isinstance(err, Unauthorized) else "forbidden"
-            accesslog.note_auth(request, outcome, reason=reason)
-            status = err.status
-            raise
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except Exception as err:
-            status = getattr(err, "status", 500)
-            raise
-        finally:
-            accesslog.note_route(request, label)
-            self.metrics.request_done(label, status, time.perf_counter() - started)
+            exchange.auth = "refused" if isinstance(err, Unauthorized) else "forbidden"
+            exchange.auth_reason = reason
+        if exchange.started:
+            exchange.abort()  # the status is out already: cutting is the only signal left
+        else:
+            exchange.send_problem(err)
 
-    async def _own_endpoint(
-        self, request: web.Request, handlers: dict[str, Handler]
-    ) -> web.StreamResponse:
-        handler = handlers.get(request.method)
+    async def _own_endpoint(self, exchange: Exchange, handlers: dict[str, Handler]) -> None:
+        handler = handlers.get(exchange.method)
         if handler is None:
             raise MethodNotAllowed(tuple(sorted(handlers)))
-        return await handler(request)
+        request = exchange.aiohttp_request()
+        exchange.expect_body()
+        await exchange.send_response(await handler(request))  # type: ignore[arg-type]
 
-    async def _proxy(
-        self, request: web.Request, match: RouteMatch, host: str | None
-    ) -> web.StreamResponse:
+    async def _proxy(self, exchange: Exchange, match: RouteMatch, host: str | None) -> None:
         route = match.route
-        token = None if route.auth == "public" else self._bearer(request)
+        token = None if route.auth == "public" else self._bearer(exchange)
         identity = decide(route, await self.identify(token) if token is not None else None)
         if identity is not None:
-            accesslog.note_auth(request, "ok", user_id=identity.id)
-        upstream_headers = self._upstream_headers(request, identity, match, host)
+            exchange.auth = "ok"
+            exchange.user_id = identity.id
+        upstream_headers = self._upstream_headers(exchange, identity, match, host)
         started = time.perf_counter()
         try:
-            if route.websocket and is_websocket_upgrade(request):
-                return await self.forwarder.forward_websocket(
-                    request,
+            if route.websocket and is_websocket_upgrade(exchange):
+                response = await self.forwarder.forward_websocket(
+                    exchange.aiohttp_request(),
                     route=route,
                     upstream_path=match.upstream_path,
                     headers=upstream_headers,
                 )
-            return await self.forwarder.forward(
-                request,
+                await exchange.send_response(response)
+                return
+            exchange.expect_body()
+            await self.forwarder.forward(
+                exchange,
                 route=route,
                 upstream_path=match.upstream_path,
                 headers=upstream_headers,
@@ -336,19 +357,19 @@ class Gateway:
             raise
         finally:
             upstream_seconds = time.perf_counter() - started
-            accesslog.note_upstream(request, upstream_seconds)
+            exchange.upstream_seconds = upstream_seconds
             self.metrics.upstream_done(route.name, upstream_seconds)
 
-    def _bearer(self, request: web.Request) -> str | None:
+    def _bearer(self, request: _Peer) -> str | None:
         return bearer_token(request.headers.getall("Authorization", []))
 
     def _upstream_headers(
-        self, request: web.Request, identity: Identity | None, match: RouteMatch, host: str | None
+        self, exchange: Exchange, identity: Identity | None, match: RouteMatch, host: str | None
     ) -> CIMultiDict[str]:
-        trusted = self.peer_trusted(request)
+        trusted = self.peer_trusted(exchange)
         out = hdr.clean_request_headers(
             self.header_policy,
-            request.headers,
+            exchange.headers,
             peer_trusted=trusted,
             websocket=match.route.websocket,
             forward_authorization=match.route.forward_authorization,
@@ -359,22 +380,22 @@ class Gateway:
             if assertion:
                 audience = self.origins[match.route.name]
                 out[assertion] = self.tokens.issue_assertion(identity, audience)
-        chain = request.headers.getall("X-Forwarded-For", [])
+        chain = exchange.headers.getall("X-Forwarded-For", [])
         out.extend(
             hdr.forwarded_headers(
-                client_ip=self.client_ip(request),
+                client_ip=self.client_ip(exchange),
                 proto=hdr.forwarded_proto(
-                    request.scheme,
-                    request.headers.getall("X-Forwarded-Proto", []),
+                    exchange.scheme,
+                    exchange.headers.getall("X-Forwarded-Proto", []),
                     peer_trusted=trusted,
                 ),
                 host=host,
                 existing_xff=", ".join(chain) if chain else None,
                 peer_trusted=trusted,
-                peer=request.remote,
+                peer=exchange.remote,
             )
         )
-        out["X-Request-Id"] = request[REQUEST_ID]
+        out["X-Request-Id"] = exchange.request_id
         return out
 
     # -- forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth) ----
@@ -449,24 +470,13 @@ class LiveGateway:
         self._clock = clock
         self._retiring: set[asyncio.Task[None]] = set()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, exchange: Exchange) -> None:
         gateway = self.current
-        request[SERVED_BY] = gateway
         gateway.enter()
         try:
-            return await gateway.handle(request)
+            await gateway.handle(exchange)
         finally:
             gateway.leave()
-
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        """CORS as configured for the gateway that served the request (errors included);
-        while draining, every response ends its connection, so that a client (or a load
-        balancer) reusing it learns that before it sends another request there."""
-        gateway = request.get(SERVED_BY) or self.current
-        await gateway.cors_hook(request, response)
-        if self.current.draining:
-            response.force_close()
-            response.headers["Connection"] = "close"  # aiohttp built its own value already
 
     async def replace(self, settings: Settings) -> None:
         """Start a gateway on ``settings`` and send new requests to it. Raises (and keeps the
@@ -503,7 +513,6 @@ def _log_store_failure(task: asyncio.Task[None]) -> None:
 
 GATEWAY = web.AppKey("gateway", Gateway)
 LIVE = web.AppKey("live", LiveGateway)
-SERVED_BY = web.RequestKey("served_by", Gateway)
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
@@ -511,19 +520,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     ``app[GATEWAY]`` is the one it started with (for tools and tests)."""
     gateway = Gateway(settings, clock=clock)
     live = LiveGateway(gateway, grace=settings.server.shutdown_grace, clock=clock)
-    app = web.Application(
-        middlewares=[problem_middleware],
-        client_max_size=settings.server.max_body_size,
-        # Sizes and keep-alive for any runner; GatewayRunner (serve) adds the deadlines.
-        handler_args=DEFAULT_LIMITS.handler_args(),
-    )
+    app = web.Application(client_max_size=settings.server.max_body_size)
     app[GATEWAY] = gateway
     app[LIVE] = live
     app[METRICS] = gateway.metrics
+    app[EDGE_HANDLER] = live.handle  # every request goes to the gateway, not to a router
     app.cleanup_ctx.append(live.resources)
-    app.on_response_prepare.append(live.on_response_prepare)
-    # [\s\S]: also paths with an (encoded) newline reach the handler, which refuses them.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", live.handle)
     return app
 
 

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway import accesslog
-from gateway.accesslog import JsonAccessLogger
 from gateway.app import LIVE, METRICS, LiveGateway, create_admin_app, create_app
 from gateway.config import ServerSettings, Settings
 from gateway.errors import ConfigError
@@ -102,8 +101,7 @@ async def _listen(
     public = GatewayRunner(
         app,
         shutdown_timeout=server.shutdown_grace,
-        access_log_class=JsonAccessLogger,
-        access_log=accesslog.ACCESS_LOGGER,
+        access_log=accesslog.write_line,
     )
     runners = [public]
     await public.setup()

@@ -1,8 +1,8 @@
-"""The HTTP edge's cross-cutting parts: errors as problem+json, request ids, CORS.
+"""The HTTP edge's cross-cutting parts: errors as problem+json, CORS.
 
 Guarantees: every error the gateway produces is ``application/problem+json`` (RFC 9457);
 an unexpected exception is logged with its traceback and answered with a generic 500 that
-holds nothing internal; every response carries ``X-Request-Id``.
+holds nothing internal.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway.config import CorsSettings
 from gateway.errors import (
@@ -25,7 +27,6 @@ from gateway.errors import (
 
 log = logging.getLogger("gateway")
 
-REQUEST_ID = web.RequestKey("request_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PROBLEM_TYPE = "urn:gateway:problem:"
@@ -70,50 +71,60 @@ def _translate_http_exception(exc: web.HTTPException) -> GatewayError:
     return err
 
 
+def problem_for(exc: Exception, where: str = "") -> GatewayError:
+    """What to tell the client about ``exc``: a GatewayError as it is, aiohttp's own refusals
+    (oversized body, bad media type...) in our vocabulary, anything else a generic 500 whose
+    traceback is logged and never shown."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        return _translate_http_exception(exc)
+    log.error("unhandled error on %s", where, exc_info=exc)
+    return GatewayError("The gateway failed to handle the request.")
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except GatewayError as err:
-        return problem_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return problem_response(_translate_http_exception(exc))
-    except Exception:  # the last line of defence: log it, tell the client nothing
-        log.exception("unhandled error on %s %s", request.method, request.rel_url.raw_path)
-        return problem_response(GatewayError("The gateway failed to handle the request."))
+        return problem_response(problem_for(exc))
+    except Exception as exc:  # the last line of defence: log it, tell the client nothing
+        where = f"{request.method} {request.rel_url.raw_path}"
+        return problem_response(problem_for(exc, where))
 
 
-def make_cors_hook(
-    cors: CorsSettings,
-) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """An ``on_response_prepare`` hook: CORS headers on every response for allowed origins.
+class CorsHeaders:
+    """The CORS headers of a response to a request from ``origin``, per configuration."""
 
-    Runs as headers are sent, so streamed proxy responses get them too.
-    """
-    allowed = frozenset(cors.allow_origins)
-    wildcard = "*" in allowed
+    def __init__(self, cors: CorsSettings) -> None:
+        self._allowed = frozenset(cors.allow_origins)
+        self._wildcard = "*" in self._allowed
+        self._credentials = cors.allow_credentials
 
-    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-        request_id = request.get(REQUEST_ID)
-        if request_id:
-            response.headers["X-Request-Id"] = request_id
-        if not allowed:
-            return
-        response.headers.add("Vary", "Origin")
-        origin = request.headers.get("Origin")
-        if origin is None or not (wildcard or origin in allowed):
-            return
-        response.headers["Access-Control-Allow-Origin"] = "*" if wildcard else origin
-        if cors.allow_credentials:
-            response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, WWW-Authenticate"
-
-    return add_headers
+    def __call__(self, origin: str | None) -> list[tuple[str, str]]:
+        if not self._allowed:
+            return []
+        out = [("Vary", "Origin")]
+        if origin is None or not (self._wildcard or origin in self._allowed):
+            return out
+        out.append(("Access-Control-Allow-Origin", "*" if self._wildcard else origin))
+        if self._credentials:
+            out.append(("Access-Control-Allow-Credentials", "true"))
+        out.append(("Access-Control-Expose-Headers", "X-Request-Id, WWW-Authenticate"))
+        return out
 
 
-def preflight_response(request: web.Request, cors: CorsSettings) -> web.Response | None:
+class _Head(Protocol):
+    @property
+    def method(self) -> str: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+
+def preflight_response(request: _Head, cors: CorsSettings) -> web.Response | None:
     """204 for a CORS preflight from an allowed origin (no token needed), else None."""
     if request.method != "OPTIONS":
         return None

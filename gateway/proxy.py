@@ -40,6 +40,7 @@ from gateway.config import RouteSettings
 from gateway.errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
 from gateway.headers import clean_response_headers
 from gateway.routing import upstream_url
+from gateway.server import Exchange
 from gateway.upstream import BodyReader, Origin, UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = ["Forwarder", "is_websocket_upgrade"]
@@ -67,7 +68,7 @@ class _Upload:
     answered: bool = False  # the response head arrived: the deadline is no longer ours to move
 
 
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+def is_websocket_upgrade(request: web.BaseRequest | Exchange) -> bool:
     """True for a websocket opening handshake (RFC 6455 §4.1)."""
     connection = {
         t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")
@@ -79,9 +80,9 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     )
 
 
-def _raw_query(request: web.BaseRequest) -> str:
+def _raw_query(target: str) -> str:
     # ``request.query_string`` is percent-decoded; the upstream must get the client's bytes.
-    query = request.raw_path.partition("?")[2]
+    query = target.partition("?")[2]
     return query.partition("#")[0]
 
 
@@ -195,7 +196,7 @@ class Forwarder:
         # Otherwise aiohttp writes the upstream URL's host[:port].
 
     def _body(
-        self, request: web.BaseRequest, upload: _Upload, progress: asyncio.Timeout, window: float
+        self, exchange: Exchange, upload: _Upload, progress: asyncio.Timeout, window: float
     ) -> BodyReader:
         loop = asyncio.get_running_loop()
         sent = 0
@@ -206,7 +207,7 @@ class Forwarder:
                 # The upstream took the last chunk: the request is moving, push the deadline.
                 progress.reschedule(loop.time() + window)
             try:
-                chunk = await request.content.readany()
+                chunk = await exchange.body.readany()
             except Exception:
                 upload.client_failed = True
                 raise
@@ -220,38 +221,39 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        exchange: Exchange,
         *,
         route: RouteSettings,
         upstream_path: str,
         headers: CIMultiDict[str],
-    ) -> web.StreamResponse:
-        """Send ``request`` to the route's next upstream and stream its answer back.
+    ) -> None:
+        """Send ``exchange``'s request to the route's next upstream and stream its answer back.
 
         ``headers`` are the final upstream headers (cleaned, identity, forwarded, request id).
         Raises ``PayloadTooLarge`` (413), ``BadGateway`` (502) or ``GatewayTimeout`` (504)
         while no response has been started; after that, failures cut the connection.
         """
-        length = request.content_length
+        length = exchange.content_length
         if length is not None and length > self.max_body_size:
             raise PayloadTooLarge(f"The request body exceeds {self.max_body_size} bytes.")
         origin, base_path = self._origin(self.pick_upstream(route))
-        target = _target(base_path, upstream_path, _raw_query(request))
-        host = request.headers.get("Host") if route.preserve_host else None
+        target = _target(base_path, upstream_path, _raw_query(exchange.target))
+        host = exchange.headers.get("Host") if route.preserve_host else None
         upload = _Upload()
         try:
-            # Deadline for the upstream's response headers; the body stream moves it on. The
-            # pool's read timeout bounds the wait for them once the body is sent.
-            async with asyncio.timeout(route.timeout + self.connect_timeout) as progress:
-                body = request.body_exists
+            if exchange.has_body:
+                upstream = await self._send_with_body(
+                    exchange, route, upload, origin, target, headers, host, length
+                )
+            else:
+                # Bounded without a timer of its own: the pool's connect timeout, then its
+                # read timeout from the moment the request is sent.
                 upstream = await self.pool.request(
                     origin,
-                    request.method,
+                    exchange.method,
                     target,
                     headers,
                     host=host or None,
-                    body=self._body(request, upload, progress, route.timeout) if body else None,
-                    length=length,
                     read_timeout=route.timeout,
                 )
         except Exception as exc:
@@ -260,9 +262,34 @@ class Forwarder:
             raise
         upload.answered = True
         try:
-            return await self._relay(request, upstream)
+            await self._relay(exchange, upstream)
         finally:
             upstream.release()
+
+    async def _send_with_body(
+        self,
+        exchange: Exchange,
+        route: RouteSettings,
+        upload: _Upload,
+        origin: Origin,
+        target: str,
+        headers: CIMultiDict[str],
+        host: str | None,
+        length: int | None,
+    ) -> UpstreamResponse:
+        # Deadline for the upstream's response headers; the body stream moves it on. The
+        # pool's read timeout bounds the wait for them once the body is sent.
+        async with asyncio.timeout(route.timeout + self.connect_timeout) as progress:
+            return await self.pool.request(
+                origin,
+                exchange.method,
+                target,
+                headers,
+                host=host or None,
+                body=self._body(exchange, upload, progress, route.timeout),
+                length=length,
+                read_timeout=route.timeout,
+            )
 
     def _translate(self, exc: BaseException, upload: _Upload, route: RouteSettings) -> Exception:
         if upload.too_large:
@@ -275,24 +302,16 @@ class Forwarder:
         log.info("upstream of route %s failed: %s", route.name, type(exc).__name__)
         return BadGateway("The upstream service is unreachable or answered badly.")
 
-    async def _relay(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+    async def _relay(self, exchange: Exchange, upstream: UpstreamResponse) -> None:
+        headers = clean_response_headers(upstream.headers).items()
         whole = upstream.arrived_whole()
         if whole is not None:
             # The whole answer is already here: head and body go out in one write. Nothing
             # waited for it, so this is still streaming, not buffering.
-            return web.Response(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=clean_response_headers(upstream.headers),
-                body=whole,
-            )
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=clean_response_headers(upstream.headers),
-        )
+            exchange.send_head(upstream.status, upstream.reason, headers, whole=whole)
+            return
+        exchange.send_head(upstream.status, upstream.reason, headers)
         try:
-            await response.prepare(request)
             while True:
                 try:
                     chunk = await upstream.read()
@@ -301,23 +320,22 @@ class Forwarder:
                     # only way to tell the client the body is incomplete.
                     log.info("upstream failed mid-response: %s", type(exc).__name__)
                     upstream.close()
-                    if request.transport is not None:
-                        request.transport.close()
-                    return response
+                    exchange.abort()
+                    return
                 if not chunk:
                     break
                 if upstream.at_eof():
-                    await response.write_eof(chunk)  # the last piece: one write, not two
-                    return response
-                await response.write(chunk)
-            await response.write_eof()
+                    exchange.send_end(chunk)  # the last piece: one write, not two
+                    return
+                await exchange.send(chunk)
+            exchange.send_end()
         except ConnectionError:
             upstream.close()  # the client went away: the rest of the upstream body is moot
-        return response
+            exchange.abort()
 
     async def forward_websocket(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         *,
         route: RouteSettings,
         upstream_path: str,
@@ -325,7 +343,7 @@ class Forwarder:
     ) -> web.WebSocketResponse:
         """Open the upstream websocket first (502/504 if it fails), then accept the client's and
         relay text, binary and close frames both ways until either side closes."""
-        base = upstream_url(self.pick_upstream(route), upstream_path, _raw_query(request))
+        base = upstream_url(self.pick_upstream(route), upstream_path, _raw_query(request.raw_path))
         url = base.with_scheme("wss" if base.scheme == "https" else "ws")
         out = CIMultiDict(headers)
         self._set_host(out, request, route)

@@ -1,5 +1,11 @@
 """The HTTP/1.1 edge: how bytes on a socket become requests, and when the gateway hangs up.
 
+Requests are parsed by httptools (llhttp, strict) on a plain asyncio protocol; each becomes an
+:class:`Exchange`, which the handler answers either by writing the response itself (the
+proxy's path: no request or response objects beyond the exchange) or through aiohttp's
+``Request``/``Response`` built over the same connection (the gateway's own endpoints,
+websockets, and any aiohttp ``Application``: :func:`application_handler`).
+
 Guarantees:
 
 - every request the parser refuses (malformed framing, smuggling attempts, bare LF, obs-fold,
@@ -8,7 +14,11 @@ Guarantees:
   nothing after the refused bytes is ever read as a request; the refusal echoes none of them;
 - a request is framed one way only: a ``Transfer-Encoding`` other than exactly ``chunked``
   (any case), or any ``Transfer-Encoding`` on an HTTP/1.0 request (RFC 9112 §6.1), is ``400``
-  and closes the connection; versions other than HTTP/1.0 and 1.1 are ``400``;
+  and closes the connection; so are versions other than HTTP/1.0 and 1.1, an HTTP/1.1 request
+  without ``Host``, two copies of a header that may appear once (``Host``, ``Content-Type``...)
+  and ``CONNECT`` (no tunnels);
+- ``Expect: 100-continue`` is answered when the handler starts reading the body, so a client
+  refused before (401, 413) never sends it;
 - a request head must arrive whole within ``header_timeout`` of its first byte (of the
   connection opening, for the first request): slowloris gets ``408`` and is cut;
 - a request body the gateway is reading must keep moving: a silence over ``body_idle_timeout``,
@@ -18,8 +28,13 @@ Guarantees:
 - an idle keep-alive connection is closed after ``keepalive_timeout``;
 - at most ``max_connections`` connections are open per process; one more is answered ``503``
   and closed at once, so the open ones keep being served;
-- all of it costs the hot path one clock read per ``data_received`` and no task or timer per
-  request: one timer per connection, rescheduled lazily, watches every deadline.
+- pipelined requests are answered in order; while one is served, at most one more is parsed
+  ahead (reading pauses until its turn);
+- a response sent before its request body was whole says ``Connection: close``; the rest of
+  the body is read and dropped for up to ``lingering_time``, so the client sees the response
+  rather than a reset;
+- all of it costs the hot path one clock read per ``data_received`` and no timer per request:
+  one timer per connection, rescheduled lazily, watches every deadline.
 
 The limits are module constants gathered in :class:`Limits`; tests inject short ones.
 """
@@ -28,15 +43,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import httptools
 from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from gateway import headers as hdr
 from gateway.errors import (
@@ -50,9 +73,12 @@ from gateway.errors import (
 from gateway.middleware import problem_response
 
 __all__ = [
+    "Exchange",
     "GatewayRunner",
     "GatewayServer",
+    "Handler",
     "Limits",
+    "application_handler",
 ]
 
 log = logging.getLogger("gateway")
@@ -67,6 +93,8 @@ MAX_CONNECTIONS = 10_000  # per process; beyond it new connections get 503 and a
 MAX_LINE_SIZE = 16 * 1024  # bytes of request line
 MAX_FIELD_SIZE = 16 * 1024  # bytes of one header field (name + value)
 MAX_HEADERS = 100  # header fields per request
+MAX_HEAD_SIZE = 64 * 1024  # bytes of a whole head (the parser holds a partial field in memory)
+BODY_BUFFER = 64 * 1024  # request body bytes buffered before reading pauses (twice this)
 
 
 @dataclass(frozen=True)
@@ -83,6 +111,7 @@ class Limits:
     max_line_size: int = MAX_LINE_SIZE
     max_field_size: int = MAX_FIELD_SIZE
     max_headers: int = MAX_HEADERS
+    max_head_size: int = MAX_HEAD_SIZE
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_idle_timeout", "keepalive_timeout"):
@@ -91,33 +120,17 @@ class Limits:
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
 
-    def handler_args(self) -> dict[str, Any]:
-        """The part aiohttp's own ``RequestHandler`` enforces (``Application(handler_args=)``)."""
-        return {
-            "keepalive_timeout": self.keepalive_timeout,
-            "lingering_time": self.lingering_time,
-            "max_line_size": self.max_line_size,
-            "max_field_size": self.max_field_size,
-            "max_headers": self.max_headers,
-        }
-
 
 DEFAULT_LIMITS = Limits()
 
 MALFORMED = "The request is not well-formed HTTP/1.1."
 HEAD_TOO_LARGE = "The request line or header fields are larger than the gateway accepts."
+TOO_MANY_CONNECTIONS = Overloaded(1, "The gateway has too many open connections.")
 
 
-def _closing(err: GatewayError) -> web.Response:
-    response = problem_response(err)
-    response.headers["X-Request-Id"] = hdr.request_id(None)
-    response.force_close()
-    return response
-
-
-def raw_problem(err: GatewayError) -> bytes:
+def raw_problem(err: GatewayError, request_id: str | None = None) -> bytes:
     """``err`` as a complete HTTP/1.1 response that closes the connection, for the moments
-    there is no request object to answer through (a timeout, a refused connection)."""
+    there is no handler to answer through (a refused head, a timeout, a refused connection)."""
     response = problem_response(err)
     body = response.body
     if not isinstance(body, bytes):
@@ -126,19 +139,19 @@ def raw_problem(err: GatewayError) -> bytes:
     lines += [f"{name}: {value}" for name, value in response.headers.items()]
     lines += [
         f"Content-Length: {len(body)}",
-        f"X-Request-Id: {hdr.request_id(None)}",
+        f"X-Request-Id: {request_id or hdr.request_id(None)}",
         "Connection: close",
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def parser_error(status: int, exc: BaseException | None) -> GatewayError:
-    """What to tell a client whose request the parser (or aiohttp around it) refused.
+    """What to tell a client whose request the parser (or the edge around it) refused.
 
-    The detail is fixed: aiohttp's message quotes the offending bytes, which are the client's
-    own and may hold anything."""
+    The detail is fixed: a parser's message may quote the offending bytes, which are the
+    client's own and may hold anything."""
     if status == 400:
-        if isinstance(exc, LineTooLong) or "Too many headers" in str(exc):
+        if isinstance(exc, _HeadTooLarge) or "Too many headers" in str(exc):
             return RequestHeaderFieldsTooLarge(HEAD_TOO_LARGE)
         return BadRequest(MALFORMED)
     if status == 504:
@@ -146,15 +159,14 @@ def parser_error(status: int, exc: BaseException | None) -> GatewayError:
     return GatewayError("The gateway failed to handle the request.")
 
 
-def framing_problem(request: BaseRequest) -> str | None:
-    """Why ``request``'s framing is refused even though llhttp parsed it, or None.
+def framing_problem(version: HttpVersion, codings: Iterable[str]) -> str | None:
+    """Why a request's framing is refused even though llhttp parsed it, or None.
 
     One reading of the body for every hop: only ``chunked`` is understood (RFC 9112 §6.1), and
     an HTTP/1.0 message with ``Transfer-Encoding`` has faulty framing by definition."""
-    version = request.version
     if version != HttpVersion11 and version != HttpVersion10:
         return "Only HTTP/1.0 and HTTP/1.1 are served."
-    codings = request.headers.getall("Transfer-Encoding", ())
+    codings = list(codings)
     if not codings:
         return None
     if version == HttpVersion10:
@@ -164,99 +176,757 @@ def framing_problem(request: BaseRequest) -> str | None:
     return None
 
 
-class GatewayProtocol(RequestHandler):
-    """aiohttp's HTTP/1.1 connection, with deadlines on heads and bodies and problem+json
-    refusals. Deadlines are timestamps checked by one lazily rescheduled timer."""
+class _HeadTooLarge(Exception):
+    """Raised inside a parser callback: the head is over a limit."""
+
+
+class _Duplicate(Exception):
+    """Raised inside a parser callback: a header that may appear once appears twice."""
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: the refusal is already written."""
+
+
+_VERSIONS = {"1.1": HttpVersion11, "1.0": HttpVersion10}
+# Headers a request may carry once (aiohttp's list): two copies are a 400.
+_SINGLETONS = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
+    }
+)
+_NO_BODY_STATUSES = frozenset((204, 304, *range(100, 200)))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HOP_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The ``Date`` header value, formatted once per second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)))
+    return _date[1]
+
+
+def _url_of(target: str) -> URL:
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return URL.build(path=path, query_string=query.partition("#")[0], encoded=True)
+    try:
+        return URL(target, encoded=True)
+    except ValueError:
+        return URL.build(path="/", encoded=True)
+
+
+class Exchange:
+    """One request and its response. The request side is read-only; the response is written
+    either raw (``send_head``/``send``/``send_end``) or by an aiohttp response
+    (``aiohttp_request`` + ``send_response``), never both.
+
+    ``extra_headers`` go on whichever response is sent (a ``Vary`` is added to the response's
+    own, any other replaces a header of the same name). The handler may note what the access
+    log should say (``route``, ``user_id``, ``auth``,
+    ``auth_reason``, ``upstream_seconds``, ``request_id``)."""
 
     __slots__ = (
-        "_limits",
-        "_gateway",
-        "_watch",
-        "_head_started",
-        "_body",
-        "_body_started",
-        "_body_bytes",
-        "_last_read",
-        "_paused_at",
-        "_draining",
+        "method",
+        "target",
+        "version",
+        "headers",
+        "raw_headers",
+        "remote",
+        "scheme",
+        "body",
+        "content_length",
+        "chunked",
+        "upgrade",
+        "client_keep_alive",
+        "arrived",
+        "request_id",
+        "extra_headers",
+        "route",
+        "user_id",
+        "auth",
+        "auth_reason",
+        "upstream_seconds",
+        "status",
+        "bytes_sent",
+        "keep_alive",
+        "_protocol",
+        "_expects_continue",
+        "_head_sent",
+        "_chunked_out",
+        "_done",
+        "_request",
     )
 
-    def __init__(self, manager: GatewayServer, *, limits: Limits, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._limits = limits
-        self._gateway = manager
+    def __init__(
+        self,
+        protocol: GatewayProtocol,
+        method: str,
+        target: str,
+        version: HttpVersion,
+        headers: CIMultiDictProxy[str],
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        *,
+        body: StreamReader,
+        content_length: int | None,
+        chunked: bool,
+        upgrade: bool,
+        keep_alive: bool,
+    ) -> None:
+        self._protocol = protocol
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.raw_headers = raw_headers
+        self.remote = protocol.remote
+        self.scheme = "http"
+        self.body = body
+        self.content_length = content_length
+        self.chunked = chunked
+        self.upgrade = upgrade
+        self.client_keep_alive = keep_alive
+        self.arrived = time.perf_counter()
+        self.request_id = ""
+        self.extra_headers: list[tuple[str, str]] = []  # on every response (request id, CORS)
+        self.route: str | None = None
+        self.user_id: str | None = None
+        self.auth = "none"
+        self.auth_reason: str | None = None
+        self.upstream_seconds: float | None = None
+        self.status = 0
+        self.bytes_sent = 0
+        self.keep_alive = keep_alive and not upgrade
+        self._expects_continue = (
+            version == HttpVersion11
+            and body is not EMPTY_PAYLOAD
+            and headers.get("Expect", "").lower() == "100-continue"
+        )
+        self._head_sent = False
+        self._chunked_out = False
+        self._done = False
+        self._request: BaseRequest | None = None
+
+    # -- the request ------------------------------------------------------------------
+
+    @property
+    def raw_path(self) -> str:
+        return self.target
+
+    @property
+    def has_body(self) -> bool:
+        return self.body is not EMPTY_PAYLOAD
+
+    @property
+    def started(self) -> bool:
+        """True once any of the response went out: its status can no longer change."""
+        return self._head_sent
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def expect_body(self) -> None:
+        """The handler is about to read the body: answer ``Expect: 100-continue`` now (a
+        client waiting for it sends nothing until then; one refused before never sends it)."""
+        if self._expects_continue:
+            self._expects_continue = False
+            if not self._head_sent and self._protocol.receiving(self):
+                self._protocol.write(_CONTINUE)
+
+    # -- a raw response (the proxy) ----------------------------------------------------
+
+    def send_head(
+        self,
+        status: int,
+        reason: str,
+        headers: Iterable[tuple[str, str]],
+        *,
+        whole: bytes | None = None,
+    ) -> None:
+        """The status line and ``headers`` (framing headers among them are re-derived);
+        with ``whole``, the entire body follows in the same write and the response is done.
+        Otherwise the body goes by ``send`` and ``send_end``: with the ``Content-Length``
+        found in ``headers``, else chunked (HTTP/1.1) or until close (HTTP/1.0)."""
+        no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        length: str | None = None
+        has_date = False
+        extra = self.extra_headers
+        replaced = {name.lower() for name, _ in extra if name != "Vary"}
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _HOP_FRAMING or lower in replaced:
+                if lower == "content-length":
+                    length = value
+                continue
+            if lower == "date":
+                has_date = True
+            lines.append(f"{name}: {value}")
+        lines += [f"{name}: {value}" for name, value in extra]
+        if not has_date:
+            lines.append(f"Date: {_http_date()}")
+        if whole is not None and not no_body:
+            length = str(len(whole))
+        if status in _NO_BODY_STATUSES:
+            length = None
+        elif length is not None:
+            lines.append(f"Content-Length: {length}")
+        elif not no_body and whole is None:
+            if self.version == HttpVersion11:
+                self._chunked_out = True
+                lines.append("Transfer-Encoding: chunked")
+            else:
+                self.keep_alive = False  # the end of the body is the end of the connection
+        self._decide_keep_alive()
+        if not self.keep_alive:
+            lines.append("Connection: close")
+        elif self.version == HttpVersion10:
+            lines.append("Connection: keep-alive")
+        text = "\r\n".join(lines)
+        if text.count("\r") != len(lines) - 1 or text.count("\n") != len(lines) - 1:
+            raise ValueError("A response header holds a line break.")
+        head = text.encode("utf-8", "surrogateescape") + b"\r\n\r\n"
+        self.status = status
+        self._head_sent = True
+        if whole is None:
+            self._protocol.write(head)
+            self.bytes_sent += len(head)
+            return
+        data = head if no_body else head + whole
+        self._protocol.write(data)
+        self.bytes_sent += len(data)
+        self._done = True
+
+    async def send(self, chunk: bytes) -> None:
+        """A piece of the body; waits while the client is not reading."""
+        if not chunk:
+            return
+        if self._chunked_out:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        self.bytes_sent += len(chunk)
+        await self._protocol.write_and_drain(chunk)
+
+    def send_end(self, chunk: bytes = b"") -> None:
+        """The last piece of the body (if any) and the end of the response."""
+        if self._chunked_out:
+            data = (b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunk else b"") + b"0\r\n\r\n"
+        else:
+            data = chunk
+        if data:
+            self.bytes_sent += len(data)
+            self._protocol.write(data)
+        self._done = True
+
+    def send_problem(self, err: GatewayError) -> None:
+        """``err`` as problem+json (nothing may have been sent yet)."""
+        response = problem_response(err)
+        body = response.body
+        assert isinstance(body, bytes)
+        headers = list(response.headers.items())
+        if not self.extra_headers:
+            headers.append(("X-Request-Id", hdr.request_id(None)))
+        self.send_head(err.status, HTTPStatus(err.status).phrase, headers, whole=body)
+
+    def abort(self) -> None:
+        """Cut the connection: a response under way cannot be completed honestly."""
+        self.keep_alive = False
+        self._done = True
+        self._protocol.cut()
+
+    def _decide_keep_alive(self) -> None:
+        protocol = self._protocol
+        if self.keep_alive and (protocol.closing or protocol.receiving(self)):
+            # Draining, or the body is still arriving: end the connection with this response.
+            self.keep_alive = False
+
+    # -- an aiohttp response (own endpoints, websockets, aiohttp applications) --------
+
+    def aiohttp_request(self, factory: Callable[..., BaseRequest] | None = None) -> BaseRequest:
+        """This request as an aiohttp request over the same connection (made once)."""
+        if self._request is None:
+            self._decide_keep_alive()
+            protocol = self._protocol
+            message = RawRequestMessage(
+                self.method,
+                self.target,
+                self.version,
+                self.headers,
+                self.raw_headers,
+                not self.keep_alive,
+                None,
+                self.upgrade,
+                self.chunked,
+                _url_of(self.target),
+            )
+            writer = StreamWriter(protocol, protocol.loop)
+            task = asyncio.current_task()
+            assert task is not None
+            if factory is not None:
+                self._request = factory(message, self.body, protocol, writer, task)
+            else:
+                self._request = _EdgeRequest(
+                    message,
+                    self.body,
+                    protocol,  # type: ignore[arg-type]
+                    writer,
+                    task,
+                    protocol.loop,
+                    client_max_size=protocol.server.client_max_size,
+                )
+                self._request[_EXTRA_HEADERS] = self.extra_headers
+        return self._request
+
+    async def send_response(self, response: web.StreamResponse) -> None:
+        """Write ``response`` (prepared already, e.g. a websocket, or not) to its end."""
+        request = self.aiohttp_request()
+        self._decide_keep_alive()
+        if not self.keep_alive:
+            response.force_close()
+        if not response.prepared and not isinstance(request, _EdgeRequest):
+            _add_extra_headers(response, self.extra_headers)
+        self.status = response.status
+        self._head_sent = True
+        try:
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write_eof()
+        finally:
+            self.keep_alive = self.keep_alive and bool(response.keep_alive)
+            self.bytes_sent += response.body_length
+            self._done = True
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+_EXTRA_HEADERS: web.RequestKey[list[tuple[str, str]]] = web.RequestKey("edge_extra_headers", list)
+
+
+def _add_extra_headers(response: web.StreamResponse, extra: list[tuple[str, str]]) -> None:
+    for name, value in extra:
+        if name == "Vary":
+            response.headers.add(name, value)
+        else:
+            response.headers[name] = value
+
+
+class _EdgeRequest(BaseRequest):
+    """An aiohttp request on the edge: its response gets the exchange's extra headers as it
+    is prepared (websocket handshakes included)."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        _add_extra_headers(response, self[_EXTRA_HEADERS])
+
+
+class GatewayProtocol(BaseProtocol):
+    """One client connection: parses requests, serves them one at a time, keeps deadlines.
+
+    Deadlines are timestamps checked by one lazily rescheduled timer."""
+
+    def __init__(self, server: GatewayServer) -> None:
+        super().__init__(server.loop)
+        self.server = server
+        self.loop = server.loop
+        self._limits = server.limits
+        self._http = httptools.HttpRequestParser(self)
+        self.remote: str | None = None
+        self.peername: Any = None
+        self.sockname: Any = None
+        self.ssl_context: Any = None
+        # aiohttp's request, response and websocket objects look for these.
+        self._timeout_ceil_threshold = 5.0
+        self.max_field_size = self._limits.max_field_size
+        self.max_headers = self._limits.max_headers
+        # the head being parsed
+        self._in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        # exchanges
+        self._incoming: Exchange | None = None  # the one whose message is arriving
+        self._parsed: list[Exchange] = []  # heads parsed by the current feed, not yet served
+        self._serving: Exchange | None = None
+        self._waiting: deque[Exchange] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self.closing = False  # no request after the one being served
+        self._dropping = False  # refused or closing: what still arrives is read and dropped
+        self._refusal: bytes | None = None  # to send once the response being served is out
+        # after an upgrade: bytes for a websocket parser, or for nobody
+        self._upgraded_tail: bytes | None = None
+        self._ws_parser: Any = None
+        self._ws_callback: Callable[[], None] | None = None
+        # deadlines
         self._watch: asyncio.TimerHandle | None = None
         self._head_started: float | None = None
-        self._body: Any = None  # the StreamReader of a body being received
+        self._idle_since: float | None = None
+        self._linger_until: float | None = None
         self._body_started = 0.0
         self._body_bytes = 0
         self._last_read = 0.0
         self._paused_at: float | None = None
-        self._draining = False
 
     # -- connection life -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._gateway.admit():
-            self._refuse(transport)
-            return
         super().connection_made(transport)
-        now = self._loop.time()
+        peer = transport.get_extra_info("peername")
+        self.peername = peer
+        self.sockname = transport.get_extra_info("sockname")
+        self.remote = str(peer[0]) if isinstance(peer, tuple | list) and peer else None
+        if not self.server.admit(self):
+            log.info("refused a connection from %s: too many open", self.remote or "?")
+            assert self.transport is not None
+            self.transport.write(raw_problem(TOO_MANY_CONNECTIONS))
+            self._close_after_linger()
+            return
+        now = self.loop.time()
         self._head_started = now
         self._last_read = now
         self._arm(now + self._limits.header_timeout)
 
-    def _refuse(self, transport: asyncio.BaseTransport) -> None:
-        # Never registered with the server: connection_lost must not unregister it.
-        self._manager = None
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(raw_problem(TOO_MANY_CONNECTIONS))
-        transport.close()
-
     def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.server.forget(self)
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        self._body = None
-        super().connection_lost(exc)
+        lost = ConnectionResetError("The client closed the connection.")
+        for exchange in (self._incoming, *self._waiting):
+            if exchange is not None and exchange.body is not EMPTY_PAYLOAD:
+                exchange.body.set_exception(lost)
+        self._incoming = None
+        self._waiting.clear()
+        if self._ws_parser is not None:
+            self._ws_parser.feed_eof()
+            self._ws_parser = None
+        self.closing = True
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("The client connection is closed.")
+        transport.write(data)
+
+    async def write_and_drain(self, data: bytes) -> None:
+        self.write(data)
+        if self._paused:
+            await self._drain_helper()
+
+    def cut(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def receiving(self, exchange: Exchange) -> bool:
+        """True while ``exchange``'s body is still arriving."""
+        return self._incoming is exchange
 
     # -- reading ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._draining:
+        if self._ws_parser is not None:
+            if self._ws_callback is not None:
+                self._ws_callback()
+            eof, _ = self._ws_parser.feed_data(data)
+            if eof:
+                self.cut()
             return
-        now = self._loop.time()
+        if self._dropping:
+            return
+        if self._upgraded_tail is not None:
+            self._upgraded_tail += data[: BODY_BUFFER - len(self._upgraded_tail)]
+            return
+        now = self.loop.time()
         self._last_read = now
-        waiter = self._waiter
-        if self._head_started is None and waiter is not None and not waiter.done():
-            # Idle between requests (start() waits for a message): these bytes begin a head.
-            self._head_started = now
-        elif self._body is not None:
+        if self._incoming is not None:
             self._body_bytes += len(data)
-        queued = len(self._messages)
-        super().data_received(data)
-        if len(self._messages) > queued or self._payload_parser is not None:
-            self._head_started = None
-            payload = self._messages[-1][1] if self._messages else None
-            if payload is not None and not payload.is_eof():
-                self._body, self._body_started, self._body_bytes = payload, now, 0
-                self._arm(now + self._limits.body_idle_timeout)
-        elif self._head_started is not None:
-            self._arm(self._head_started + self._limits.header_timeout)
+        else:
+            self._head_bytes += len(data)
+            if self._head_started is None:
+                self._head_started = now  # these bytes begin a head
+                self._idle_since = None
+        failure: BaseException | None = None
+        try:
+            self._http.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded_tail = data[upgrade.args[0] :]
+        except httptools.HttpParserCallbackError as err:
+            failure = err.__context__
+        except httptools.HttpParserError as err:
+            failure = err
+        if failure is not None and self._incoming in self._parsed:
+            # The bytes went wrong inside this request (llhttp may object to a framing
+            # header only after the head): it is never served.
+            self._parsed.remove(self._incoming)
+            self._incoming = None
+        if self._parsed:
+            parsed, self._parsed = self._parsed, []
+            for exchange in parsed:
+                self._enqueue(exchange)
+        if failure is not None:
+            self._refuse(failure)
+            return
+        if self._in_head:
+            if self._head_bytes > self._limits.max_head_size:
+                self._refuse(_HeadTooLarge())
+                return
+            self._arm(self._head_started + self._limits.header_timeout)  # type: ignore[operator]
+
+    def _refuse(self, exc: BaseException | None) -> None:
+        """The head or a body's framing is malformed: answer 400 (431 for a head over the
+        limits) and close; nothing after the bad bytes is read as a request."""
+        if isinstance(exc, _Refused):
+            return
+        log.info("refused a malformed request from %s: %s", self.remote, type(exc).__name__)
+        self._refuse_with(parser_error(400, exc))
+
+    def _refuse_with(self, err: GatewayError) -> None:
+        incoming = self._incoming
+        if incoming is not None and incoming is self._serving:
+            # The body of the request being served is broken: its handler answers.
+            incoming.body.set_exception(ValueError("The request body is malformed."))
+            self._stop_reading()
+            return
+        self._stop_reading()
+        if self._serving is None:
+            self.write_quietly(raw_problem(err))
+            self._close_after_linger()
+        else:
+            self._refusal = raw_problem(err)  # after the response under way
+
+    def _stop_reading(self) -> None:
+        self.closing = True
+        self._dropping = True
+        self._incoming = None
+        self._waiting.clear()
+        self._in_head = False
+        self._head_started = None
+
+    # -- parser callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._fields = []
+        if self._head_started is None:
+            self._head_started = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_line_size:
+            raise _HeadTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > self._limits.max_field_size:
+            raise _HeadTooLarge()
+        fields = self._fields
+        if name.lower() in _SINGLETONS:
+            lower = name.lower()
+            if any(n.lower() == lower for n, _ in fields):
+                # Which copy would a filter in front of the gateway, or the upstream, read?
+                raise _Duplicate()
+        fields.append((name, value))
+        if len(self._fields) > self._limits.max_headers:
+            raise _HeadTooLarge()
+
+    def on_headers_complete(self) -> None:
+        now = self.loop.time()
+        self._in_head = False
+        self._head_started = None
+        self._head_bytes = 0
+        http = self._http
+        version = _VERSIONS.get(http.get_http_version())
+        fields = self._fields
+        headers = CIMultiDictProxy(
+            CIMultiDict(
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in fields
+            )
+        )
+        method = http.get_method().decode("ascii")
+        if version is None:
+            problem: str | None = "Only HTTP/1.0 and HTTP/1.1 are served."
+        elif method == "CONNECT":
+            problem = "CONNECT is not served: the gateway opens no tunnels."
+        elif version == HttpVersion11 and "Host" not in headers:
+            problem = "An HTTP/1.1 request must carry a Host header (RFC 9112 §3.2)."
+        else:
+            problem = framing_problem(version, headers.getall("Transfer-Encoding", ()))
+        if problem is not None:
+            self._refuse_framing(problem)
+            raise _Refused()
+        if self.closing:
+            self._dropping = True  # after "Connection: close" nothing more is served
+            raise _Refused()
+        assert version is not None
+        chunked = "Transfer-Encoding" in headers
+        length_field = headers.get("Content-Length")
+        length = int(length_field) if length_field is not None else None
+        has_body = chunked or bool(length)
+        body = StreamReader(self, BODY_BUFFER, loop=self.loop) if has_body else EMPTY_PAYLOAD
+        exchange = Exchange(
+            self,
+            method,
+            self._url.decode("utf-8", "surrogateescape"),
+            version,
+            headers,
+            tuple(fields),
+            body=body,
+            content_length=length,
+            chunked=chunked,
+            upgrade=http.should_upgrade(),
+            keep_alive=http.should_keep_alive(),
+        )
+        self._incoming = exchange
+        if has_body:
+            self._body_started, self._body_bytes = now, 0
+            self._arm(now + self._limits.body_idle_timeout)
+        self._parsed.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._incoming
+        if exchange is not None:
+            exchange.body.feed_data(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self._incoming = self._incoming, None
+        if exchange is not None and exchange.body is not EMPTY_PAYLOAD:
+            exchange.body.feed_eof()
+
+    def _refuse_framing(self, problem: str) -> None:
+        log.info("refused a request from %s: %s", self.remote, problem)
+        self._refuse_with(BadRequest(problem))
+
+    # -- serving ---------------------------------------------------------------------
+
+    def _enqueue(self, exchange: Exchange) -> None:
+        if self._serving is None:
+            self._serve(exchange)
+            return
+        self._waiting.append(exchange)
+        if not self._buffer_paused:
+            self._pause_reading_for_buffer()  # one parsed ahead is plenty
+
+    def _serve(self, exchange: Exchange) -> None:
+        self._serving = exchange
+        self._idle_since = None
+        self._task = self.loop.create_task(self._run(exchange))
+
+    async def _run(self, exchange: Exchange) -> None:
+        try:
+            await self.server.handler(exchange)
+            if not exchange.done and exchange.started:
+                exchange.abort()  # the handler left a response half-sent
+            elif not exchange.done:
+                exchange.send_problem(GatewayError("The gateway failed to handle the request."))
+        except (ConnectionError, asyncio.CancelledError):
+            exchange.abort()
+        except Exception:
+            log.exception("unhandled error on %s %s", exchange.method, exchange.target[:200])
+            if exchange.started:
+                exchange.abort()
+            else:
+                exchange.keep_alive = False  # whatever broke may have left the stream astray
+                try:
+                    exchange.send_problem(GatewayError("The gateway failed to handle the request."))
+                except ConnectionError:
+                    pass
+        finally:
+            self.server.log_access(exchange)
+            self._served(exchange)
+
+    def _served(self, exchange: Exchange) -> None:
+        self._serving = None
+        self._task = None
+        if self.transport is None:
+            return
+        if self._refusal is not None:
+            self.write_quietly(self._refusal)
+            self._close_after_linger()
+        elif self._upgraded_tail is not None or self._ws_parser is not None:
+            self._close_now()  # an upgraded connection carries no further requests
+        elif self._incoming is exchange:
+            self._close_after_linger()  # answered before its body was whole
+        elif not exchange.keep_alive or self.closing:
+            self._close_now()
+        elif self._waiting:
+            self._serve(self._waiting.popleft())
+            if self._buffer_paused:
+                self._resume_reading_for_buffer()
+        else:
+            now = self.loop.time()
+            self._idle_since = now
+            self._arm(now + self._limits.keepalive_timeout)
+
+    def _close_after_linger(self) -> None:
+        """Stop answering; read and drop what still comes for a moment, then close. Closing a
+        socket with unread input sends a reset, which can destroy the response before the
+        client reads it."""
+        self._stop_reading()
+        transport = self.transport
+        if transport is None:
+            return
+        if self._buffer_paused or self._reading_paused:
+            self._buffer_paused = self._reading_paused = False
+            self._resume_transport_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._linger_until = self.loop.time() + min(self._limits.lingering_time, 1.0)
+        self._arm(self._linger_until)
+
+    def _close_now(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- flow control ----------------------------------------------------------------
 
     def pause_reading(self) -> None:
         # The gateway holds the client back (its body buffer is full): not the client's delay.
-        if self._paused_at is None:
-            self._paused_at = self._loop.time()
-        super().pause_reading()
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._paused_at = self.loop.time()
+            self._pause_transport_reading()
 
     def resume_reading(self, resume_parser: bool = True) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
         if self._paused_at is not None:
-            now = self._loop.time()
+            now = self.loop.time()
             self._body_started += now - self._paused_at
             self._last_read = now
             self._paused_at = None
-        super().resume_reading(resume_parser)
+        if not self._buffer_paused:
+            self._resume_transport_reading()
+
+    # -- what aiohttp's websocket response asks of its protocol -------------------------
+
+    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
+        self._ws_parser = parser
+        self._ws_callback = data_received_cb
+        tail, self._upgraded_tail = self._upgraded_tail, None
+        self._head_started = None
+        if tail:
+            parser.feed_data(tail)
+
+    def keep_alive(self, val: bool) -> None:
+        if not val:
+            self.closing = True
 
     # -- deadlines -------------------------------------------------------------------
 
@@ -268,33 +938,47 @@ class GatewayProtocol(RequestHandler):
             if watch.when() <= when:
                 return
             watch.cancel()
-        self._watch = self._loop.call_at(when, self._on_watch)
+        self._watch = self.loop.call_at(when, self._on_watch)
 
     def _on_watch(self) -> None:
         self._watch = None
-        if self.transport is None or self._force_close or self._draining:
+        if self.transport is None:
             return
-        now = self._loop.time()
+        now = self.loop.time()
+        if self._linger_until is not None:
+            if now >= self._linger_until:
+                self._close_now()
+            else:
+                self._watch = self.loop.call_at(self._linger_until, self._on_watch)
+            return
         due: float | None = None
-        if self._head_started is not None:
-            deadline = self._head_started + self._limits.header_timeout
+        for deadline, what in (
+            (self._head_deadline(), "request head"),
+            (self._body_deadline(now), "request body"),
+            (self._idle_deadline(), "idle"),
+        ):
+            if deadline is None:
+                continue
             if now >= deadline:
-                self._expire("request head")
+                self._expire(what)
                 return
-            due = deadline
-        body_due = self._body_deadline(now)
-        if body_due is not None:
-            if now >= body_due:
-                self._expire("request body")
-                return
-            due = body_due if due is None else min(due, body_due)
+            due = deadline if due is None else min(due, deadline)
         if due is not None:
-            self._watch = self._loop.call_at(due, self._on_watch)
+            self._watch = self.loop.call_at(due, self._on_watch)
+
+    def _head_deadline(self) -> float | None:
+        if self._head_started is None:
+            return None
+        return self._head_started + self._limits.header_timeout
+
+    def _idle_deadline(self) -> float | None:
+        if self._idle_since is None or self._serving is not None:
+            return None
+        return self._idle_since + self._limits.keepalive_timeout
 
     def _body_deadline(self, now: float) -> float | None:
-        body = self._body
-        if body is None or body.is_eof() or body.exception() is not None:
-            self._body = None
+        exchange = self._incoming
+        if exchange is None:
             return None
         if self._paused_at is not None or self._buffer_paused:
             return now + self._limits.body_idle_timeout  # held back by us: look again later
@@ -306,112 +990,149 @@ class GatewayProtocol(RequestHandler):
         return min(idle, slow)
 
     def _expire(self, what: str) -> None:
-        log.info("closing a connection from %s: %s too slow", _peer(self.peername), what)
-        transport = self.transport
-        request = self._current_request
-        self._body = None
-        if transport is None:
+        if what == "idle":
+            self._close_now()  # a quiet keep-alive connection: nothing to say
             return
-        if request is None or request.writer.output_size == 0:
-            transport.write(raw_problem(RequestTimeout(f"The {what} arrived too slowly.")))
-        if request is None and transport.can_write_eof():
-            # No handler is running: half-close so the 408 is read before the socket goes
-            # (closing on unread input sends a RST that can destroy it), discard what still
-            # comes, and close for good shortly after.
-            transport.write_eof()
-            self._draining = True
-            self._loop.call_later(min(self._limits.lingering_time, 1.0), self.force_close)
+        log.info("closing a connection from %s: %s too slow", self.remote or "?", what)
+        exchange = self._incoming
+        if exchange is not None:
+            exchange.body.set_exception(TimeoutError(f"The {what} arrived too slowly."))
+            self._incoming = None
+        serving = self._serving
+        if serving is None or not serving.started:
+            self.write_quietly(raw_problem(RequestTimeout(f"The {what} arrived too slowly.")))
+        if serving is None:
+            self._close_after_linger()
         else:
-            self.force_close()
+            serving.keep_alive = False
+            self.cut()
 
-    # -- refusals --------------------------------------------------------------------
+    def write_quietly(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
-    def handle_error(
+    # -- shutdown --------------------------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        """Shutting down: an idle connection closes now, a busy one after its response."""
+        self.closing = True
+        if self._serving is None:
+            self._close_now()
+
+    async def finish(self, timeout: float | None) -> None:
+        """Wait for the request being served (up to ``timeout``), then close."""
+        self.closing = True
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._close_now()
+
+
+AccessLog = Callable[[Exchange, float], None]
+
+
+class GatewayServer:
+    """The listener's protocol factory: counts connections, refuses those over the cap, and
+    gives each request to ``handler``; ``shutdown`` drains them all."""
+
+    def __init__(
         self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """aiohttp's parser refusals and last-resort errors, as problem+json; never the
-        client's bytes, never a traceback."""
-        if request.writer.output_size > 0:
-            raise ConnectionError("a response is already under way")
-        if isinstance(exc, ConnectionError):
-            # The client went away (or was cut for being too slow) mid-request: nobody is
-            # left to answer, and it is no error of ours.
-            log.info("connection from %s lost mid-request", request.remote)
-            return _closing(parser_error(400, exc))
-        err = parser_error(status, exc)
-        if err.status >= 500:
-            log.error("error handling a request from %s", request.remote, exc_info=exc)
-        else:
-            log.info("refused a malformed request from %s: %s", request.remote, type(exc).__name__)
-        return _closing(err)
-
-
-def _peer(peername: Any) -> str:
-    return str(peername[0]) if isinstance(peername, tuple) and peername else "?"
-
-
-TOO_MANY_CONNECTIONS = Overloaded(1, "The gateway has too many open connections.")
-
-
-class GatewayServer(web.Server):
-    """``web.Server`` speaking through :class:`GatewayProtocol`, with a connection cap and a
-    framing check in front of the application's handler."""
-
-    def __init__(self, handler: Any, *, limits: Limits = DEFAULT_LIMITS, **kwargs: Any) -> None:
-        super().__init__(self._guard(handler), **kwargs)
+        handler: Handler,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        client_max_size: int = 1024**2,
+        access_log: AccessLog | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.handler = handler
         self.limits = limits
-        self.open_connections = 0
+        self.client_max_size = client_max_size
+        self._access_log = access_log
+        self.loop = loop or asyncio.get_running_loop()
+        self.connections: set[GatewayProtocol] = set()
 
-    @staticmethod
-    def _guard(handler: Any) -> Any:
-        async def guarded(request: BaseRequest) -> web.StreamResponse:
-            # The common request (HTTP/1.1, no Transfer-Encoding) pays two lookups.
-            if request.version != HttpVersion11 or "Transfer-Encoding" in request.headers:
-                problem = framing_problem(request)
-                if problem is not None:
-                    log.info("refused a request from %s: %s", request.remote, problem)
-                    return _closing(BadRequest(problem))
-            response: web.StreamResponse = await handler(request)
-            return response
-
-        return guarded
-
-    def admit(self) -> bool:
-        return self.open_connections < self.limits.max_connections
-
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        self.open_connections += 1
-        super().connection_made(handler, transport)
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        self.open_connections -= 1
-        super().connection_lost(handler, exc)
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
 
     def __call__(self) -> GatewayProtocol:
-        kwargs = {**self._kwargs, **self.limits.handler_args()}
-        return GatewayProtocol(self, loop=self._loop, limits=self.limits, **kwargs)
+        return GatewayProtocol(self)
+
+    def admit(self, protocol: GatewayProtocol) -> bool:
+        if len(self.connections) >= self.limits.max_connections:
+            return False
+        self.connections.add(protocol)
+        return True
+
+    def forget(self, protocol: GatewayProtocol) -> None:
+        self.connections.discard(protocol)
+
+    def log_access(self, exchange: Exchange) -> None:
+        if self._access_log is not None:
+            try:
+                self._access_log(exchange, time.perf_counter() - exchange.arrived)
+            except Exception:
+                log.exception("writing an access line failed")
+
+    # what aiohttp's runners call
+
+    def pre_shutdown(self) -> None:
+        for protocol in list(self.connections):
+            protocol.close_when_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await asyncio.gather(*(p.finish(timeout) for p in list(self.connections)))
+        self.connections.clear()
+
+
+def application_handler(app: web.Application) -> Handler:
+    """Serve an aiohttp ``Application`` (router, middlewares, signals) over the edge."""
+
+    async def handle(exchange: Exchange) -> None:
+        request = exchange.aiohttp_request(app._make_request)  # its router answers Expect
+        try:
+            response = await app._handle(request)  # type: ignore[arg-type]
+        except web.HTTPException as exc:
+            response = exc
+        await exchange.send_response(response)
+
+    return handle
+
+
+EDGE_HANDLER: web.AppKey[Handler] = web.AppKey("edge_handler", object)  # type: ignore[arg-type]
 
 
 class GatewayRunner(web.AppRunner):
-    """``web.AppRunner`` whose server is a :class:`GatewayServer` (startup, cleanup_ctx and
-    graceful shutdown are AppRunner's own)."""
+    """``web.AppRunner`` whose listener is the edge (startup, cleanup_ctx and graceful
+    shutdown are AppRunner's own). ``handler`` serves the requests; by default the one the app
+    names under ``EDGE_HANDLER``, else the app's router and middlewares, through aiohttp
+    requests."""
 
     def __init__(
-        self, app: web.Application, *, limits: Limits = DEFAULT_LIMITS, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        handler: Handler | None = None,
+        access_log: AccessLog | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self.limits = limits
+        self._handler = handler
+        self._access_log = access_log
 
-    async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()  # runs the app's startup and freezes it
+    async def _make_server(self) -> Any:
+        await super()._make_server()  # runs the app's startup and freezes it
         return GatewayServer(
-            plain.request_handler,
-            request_factory=plain.request_factory,
+            self._handler or self.app.get(EDGE_HANDLER) or application_handler(self.app),
             limits=self.limits,
+            client_max_size=self.app._client_max_size,
+            access_log=self._access_log,
             loop=asyncio.get_running_loop(),
-            **plain._kwargs,
         )

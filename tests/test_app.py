@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.app import GATEWAY, create_admin_app, create_app
 from gateway.config import (
@@ -16,6 +16,7 @@ from gateway.config import (
     Settings,
     TokenSettings,
 )
+from tests.served import EdgeTestServer
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
         tokens=TokenSettings(keys_dir=tmp_path / "keys"),
         accounts=AccountSettings(bcrypt_rounds=4),
     )
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(EdgeTestServer(create_app(settings))) as client:
         yield client
 
 
@@ -51,7 +52,7 @@ async def test_logins_fail_fast_with_503_while_the_database_is_unusable(
 async def test_admin_app_serves_prometheus_text(client: TestClient) -> None:
     await client.get("/api/x")  # 401: counted
     admin = create_admin_app(client.app[GATEWAY].metrics)
-    async with TestClient(TestServer(admin)) as admin_client:
+    async with TestClient(EdgeTestServer(admin)) as admin_client:
         resp = await admin_client.get("/metrics")
         text = await resp.text()
     assert resp.headers["Content-Type"].startswith("text/plain")

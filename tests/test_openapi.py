@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
 from gateway import openapi
@@ -29,6 +29,7 @@ from gateway.config import (
     Settings,
     TokenSettings,
 )
+from tests.served import EdgeTestServer
 
 ROOT = Path(__file__).resolve().parent.parent
 OWN = ("register", "login", "refresh", "logout", "profile", "password", "verify", "openapi.json")
@@ -264,7 +265,7 @@ def test_each_document_is_a_new_object(tmp_path: Path) -> None:
 @pytest.fixture(params=["/auth", "", "/account"])
 async def served(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TestClient]:
     settings = settings_for(tmp_path, accounts=AccountSettings(prefix=request.param))
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(EdgeTestServer(create_app(settings))) as client:
         yield client
 
 

@@ -36,6 +36,8 @@ from gateway.headers import (
 )
 from gateway.identity import Identity
 from gateway.proxy import Forwarder, is_websocket_upgrade
+from gateway.server import EDGE_HANDLER, Exchange
+from tests.served import EdgeTestServer
 
 MiB = 1024 * 1024
 MAX_BODY = 6 * MiB
@@ -228,13 +230,15 @@ async def start_upstream(aiohttp_server: AiohttpServer, name: str) -> Upstream:
 # --- the gateway side -----------------------------------------------------------------------
 
 
-def gateway_app(forwarder: Forwarder, routes: dict[str, RouteSettings]) -> web.Application:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        route = routes[request.raw_path.split("/")[1]]
-        websocket = route.websocket and is_websocket_upgrade(request)
+def gateway_app(forwarder: Forwarder, routes: dict[str, RouteSettings]) -> EdgeTestServer:
+    """The gateway's proxy step alone, on the edge: no auth, fixed identity, route by prefix."""
+
+    async def handle(exchange: Exchange) -> None:
+        route = routes[exchange.target.split("/")[1]]
+        websocket = route.websocket and is_websocket_upgrade(exchange)
         headers = clean_request_headers(
             POLICY,
-            request.headers,
+            exchange.headers,
             peer_trusted=False,
             websocket=websocket,
             forward_authorization=route.forward_authorization,
@@ -242,29 +246,36 @@ def gateway_app(forwarder: Forwarder, routes: dict[str, RouteSettings]) -> web.A
         headers.extend(identity_header_values(POLICY.settings, CALLER))
         headers.extend(
             forwarded_headers(
-                client_ip=request.remote or "unknown",
-                proto=request.scheme,
-                host=request.host,
+                client_ip=exchange.remote or "unknown",
+                proto=exchange.scheme,
+                host=exchange.headers.get("Host"),
                 existing_xff=None,
                 peer_trusted=False,
             )
         )
-        headers["X-Request-Id"] = request_id(request.headers.get("X-Request-Id"))
-        upstream_path = request.raw_path.partition("?")[0]
+        headers["X-Request-Id"] = request_id(exchange.headers.get("X-Request-Id"))
+        upstream_path = exchange.target.partition("?")[0]
         try:
             if websocket:
-                return await forwarder.forward_websocket(
-                    request, route=route, upstream_path=upstream_path, headers=headers
+                response = await forwarder.forward_websocket(
+                    exchange.aiohttp_request(),
+                    route=route,
+                    upstream_path=upstream_path,
+                    headers=headers,
                 )
-            return await forwarder.forward(
-                request, route=route, upstream_path=upstream_path, headers=headers
+                await exchange.send_response(response)
+                return
+            exchange.expect_body()
+            await forwarder.forward(
+                exchange, route=route, upstream_path=upstream_path, headers=headers
             )
         except GatewayError as err:
-            return web.Response(status=err.status, text=err.code)
+            text = [("Content-Type", "text/plain; charset=utf-8")]
+            exchange.send_head(err.status, "Refused", text, whole=err.code.encode())
 
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+    app[EDGE_HANDLER] = handle
+    return EdgeTestServer(app)
 
 
 def closed_port() -> int:

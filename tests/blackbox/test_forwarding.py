@@ -6,8 +6,12 @@ the upstream's view.
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import aiohttp
 import pytest
+import yarl
 
 from tests.blackbox.client import get, get_echo, raw_request, received, signed_in
 from tests.blackbox.conftest import Gateway
@@ -194,3 +198,38 @@ async def test_post_body_reaches_upstream_unchanged(gateway: Gateway) -> None:
             echo = await resp.json()
     assert echo["method"] == "POST"
     assert echo["body"] == body
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+
+
+async def test_expect_100_continue_is_answered_once_the_token_is_accepted(
+    gateway: Gateway,
+) -> None:
+    """curl's way with bodies over 1 KiB: the body is sent after ``100 Continue`` only."""
+    async with aiohttp.ClientSession() as s:
+        account = await signed_in(s, gateway.url)
+    url = yarl.URL(gateway.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            b"POST /api/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\nAuthorization: Bearer %b\r\n\r\n"
+            % account.access_token.encode()
+        )
+        assert await read_head(reader) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        head = await read_head(reader)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+        assert json.loads(await reader.readexactly(length))["body"] == "hello"
+        # Refused: no 100, so the client never sends the body; the connection ends.
+        writer.write(
+            b"POST /api/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        head = await read_head(reader)
+        assert head.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in head
+    finally:
+        writer.close()
