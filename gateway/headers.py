@@ -123,6 +123,7 @@ OWNED_BY_FORWARDER = frozenset({"host", "content-length", "expect"})
 GATEWAY_COOKIES = frozenset({"gateway_session", "gateway_refresh"})
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_MAX_VERDICTS = 4096
 
 
 def _norm(name: str) -> str:
@@ -132,7 +133,7 @@ def _norm(name: str) -> str:
 class HeaderPolicy:
     """The request-header rules of one configuration, precomputed once at startup."""
 
-    __slots__ = ("identity", "_strip", "trusted_proxies", "settings")
+    __slots__ = ("identity", "_strip", "trusted_proxies", "settings", "_verdicts")
 
     def __init__(self, settings: HeaderSettings, trusted_proxies: Sequence[Network] = ()) -> None:
         self.settings = settings
@@ -141,6 +142,25 @@ class HeaderPolicy:
         patterns = [fnmatch.translate(_norm(glob)) for glob in settings.strip]
         # One alternation: a single regex call per header, whatever the number of globs.
         self._strip = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        # Whether a header name (as sent) is dropped, per (peer trusted, Authorization kept):
+        # names repeat from request to request, the rules do not change.
+        self._verdicts: dict[tuple[str, bool, bool], bool] = {}
+
+    def drops(self, name: str, *, peer_trusted: bool, forward_authorization: bool) -> bool:
+        """True when the client's ``name`` header never goes upstream (``Connection`` aside)."""
+        key = (name, peer_trusted, forward_authorization)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            if len(self._verdicts) >= _MAX_VERDICTS:
+                self._verdicts.clear()  # a client inventing names must not grow it unbounded
+            verdict = self._verdicts[key] = _drop_request_header(
+                self,
+                _norm(name),
+                frozenset(),
+                peer_trusted=peer_trusted,
+                forward_authorization=forward_authorization,
+            )
+        return verdict
 
     def is_identity(self, name: str) -> bool:
         """True for a configured identity header or a ``strip`` match (any case, ``_``)."""
@@ -220,30 +240,26 @@ def clean_request_headers(
     ``Cookie`` header (RFC 9113 §8.2.3), dropped when none is left.
     On websocket routes the ``Sec-WebSocket-*`` handshake headers go as well.
     """
-    connection = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
+    connection = _connection_tokens(headers) if "Connection" in headers else frozenset()
+    kept: list[tuple[str, str]] = []
     cookies: list[str] = []
+    drops = policy.drops
     for name, value in headers.items():
-        norm = _norm(name)
-        if _drop_request_header(
-            policy,
-            norm,
-            connection,
-            peer_trusted=peer_trusted,
-            forward_authorization=forward_authorization,
-        ):
+        if drops(name, peer_trusted=peer_trusted, forward_authorization=forward_authorization):
             continue
-        if websocket and norm.startswith("sec-websocket-"):
+        if connection and _norm(name) in connection:
             continue
-        if norm == "cookie":
+        if websocket and _norm(name).startswith("sec-websocket-"):
+            continue
+        if name.lower() == "cookie":
             filtered = _filter_cookie(value)
             if filtered:
                 cookies.append(filtered)
             continue
-        out.add(name, value)
+        kept.append((name, value))
     if cookies:
-        out.add("Cookie", "; ".join(cookies))
-    return out
+        kept.append(("Cookie", "; ".join(cookies)))
+    return CIMultiDict(kept)
 
 
 def clean_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
