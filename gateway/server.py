@@ -561,7 +561,8 @@ class GatewayProtocol(BaseProtocol):
         self._parsed: list[Exchange] = []  # heads parsed by the current feed, not yet served
         self._serving: Exchange | None = None
         self._waiting: deque[Exchange] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # serves this connection's requests
+        self._next: asyncio.Future[Exchange] | None = None  # the idle task waits on it
         self.closing = False  # no request after the one being served
         self._dropping = False  # refused or closing: what still arrives is read and dropped
         self._refusal: bytes | None = None  # to send once the response being served is out
@@ -613,6 +614,9 @@ class GatewayProtocol(BaseProtocol):
         if self._ws_parser is not None:
             self._ws_parser.feed_eof()
             self._ws_parser = None
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
         self.closing = True
 
     def write(self, data: bytes) -> None:
@@ -814,17 +818,43 @@ class GatewayProtocol(BaseProtocol):
     # -- serving ---------------------------------------------------------------------
 
     def _enqueue(self, exchange: Exchange) -> None:
-        if self._serving is None:
-            self._serve(exchange)
+        if self._serving is not None:
+            self._waiting.append(exchange)
+            if not self._buffer_paused:
+                self._pause_reading_for_buffer()  # one parsed ahead is plenty
             return
-        self._waiting.append(exchange)
-        if not self._buffer_paused:
-            self._pause_reading_for_buffer()  # one parsed ahead is plenty
-
-    def _serve(self, exchange: Exchange) -> None:
         self._serving = exchange
         self._idle_since = None
-        self._task = self.loop.create_task(self._run(exchange))
+        waiter, self._next = self._next, None
+        if waiter is not None:
+            waiter.set_result(exchange)  # the connection's task is waiting for it
+        else:
+            self._task = self.loop.create_task(self._serve_all(exchange))
+
+    async def _serve_all(self, exchange: Exchange) -> None:
+        """The connection's one task: serve its requests in turn, idle between them (a task
+        per request would cost more than much of the request)."""
+        try:
+            while True:
+                await self._run(exchange)
+                if not self._keep_serving(exchange):
+                    return
+                if self._waiting:
+                    exchange = self._serving = self._waiting.popleft()
+                    if self._buffer_paused:
+                        self._resume_reading_for_buffer()
+                    continue
+                self._serving = None
+                now = self.loop.time()
+                self._idle_since = now
+                self._arm(now + self._limits.keepalive_timeout)
+                self._next = self.loop.create_future()
+                exchange = await self._next
+        except asyncio.CancelledError:
+            pass  # the connection closed while idle
+        finally:
+            self._serving = None
+            self._task = None
 
     async def _run(self, exchange: Exchange) -> None:
         try:
@@ -847,13 +877,11 @@ class GatewayProtocol(BaseProtocol):
                     pass
         finally:
             self.server.log_access(exchange)
-            self._served(exchange)
 
-    def _served(self, exchange: Exchange) -> None:
-        self._serving = None
-        self._task = None
+    def _keep_serving(self, exchange: Exchange) -> bool:
+        """After a response: whether the connection carries on, else how it ends."""
         if self.transport is None:
-            return
+            return False
         if self._refusal is not None:
             self.write_quietly(self._refusal)
             self._close_after_linger()
@@ -863,14 +891,9 @@ class GatewayProtocol(BaseProtocol):
             self._close_after_linger()  # answered before its body was whole
         elif not exchange.keep_alive or self.closing:
             self._close_now()
-        elif self._waiting:
-            self._serve(self._waiting.popleft())
-            if self._buffer_paused:
-                self._resume_reading_for_buffer()
         else:
-            now = self.loop.time()
-            self._idle_since = now
-            self._arm(now + self._limits.keepalive_timeout)
+            return True
+        return False
 
     def _close_after_linger(self) -> None:
         """Stop answering; read and drop what still comes for a moment, then close. Closing a
@@ -1023,7 +1046,10 @@ class GatewayProtocol(BaseProtocol):
         """Wait for the request being served (up to ``timeout``), then close."""
         self.closing = True
         task = self._task
-        if task is not None and not task.done():
+        if self._next is not None:  # idle: nothing to wait for
+            self._next.cancel()
+            self._next = None
+        elif task is not None and not task.done():
             try:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(task)

@@ -130,7 +130,11 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.busy = False
-        self.expiry: asyncio.TimerHandle | None = None
+        # One timer per connection, moved lazily, watches both deadlines: the response head
+        # once the request is sent, and the end of an idle spell in the pool.
+        self.head_deadline: float | None = None
+        self.idle_deadline: float | None = None
+        self._watch: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reset(head_only=False)
@@ -140,7 +144,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self, *, head_only: bool) -> None:
         self.head_only = head_only
         self.head_waiter: asyncio.Future[None] | None = None
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_deadline = None
         self.writer: asyncio.Task[None] | None = None
         self.request_sent = False
         self.got_bytes = False
@@ -261,9 +265,7 @@ class _Connection(asyncio.Protocol):
         self.status = status
         # Neither length nor chunking: the body ends when the upstream closes the connection.
         self.until_close = not any(n.lower() in _FRAMING for n, _ in self.headers)
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.head_deadline = None
         if self.head_only:
             # httptools cannot be told the request was HEAD: the head is the whole message,
             # and the connection is never reused (its parser would expect a body).
@@ -309,9 +311,7 @@ class _Connection(asyncio.Protocol):
         for waiter in (self.head_waiter, self.body_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(exc)
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.head_deadline = None
         self.abort()
 
     def abort(self) -> None:
@@ -326,11 +326,43 @@ class _Connection(asyncio.Protocol):
 
     def arm_head_timer(self, timeout: float) -> None:
         if self.in_head and self.error is None:
-            self.head_timer = self.loop.call_later(timeout, self._head_timed_out)
+            self.head_deadline = self.loop.time() + timeout
+            self._arm(self.head_deadline)
 
-    def _head_timed_out(self) -> None:
-        self.head_timer = None
-        self.fail(TimeoutError())
+    def idle_until(self, deadline: float | None) -> None:
+        """In the pool until ``deadline`` (then ``pool._expire_idle``); None: taken out."""
+        self.idle_deadline = deadline
+        if deadline is not None:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        # A timer firing early just looks again, so an earlier pending one is kept.
+        watch = self._watch
+        if watch is not None:
+            if watch.when() <= when:
+                return
+            watch.cancel()
+        self._watch = self.loop.call_at(when, self._on_watch)
+
+    def _on_watch(self) -> None:
+        self._watch = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        head, idle = self.head_deadline, self.idle_deadline
+        if head is not None and now >= head:
+            self.fail(TimeoutError())
+        elif idle is not None and now >= idle:
+            self.idle_deadline = None
+            self.pool._expire_idle(self)
+        elif head is not None or idle is not None:
+            due = min(d for d in (head, idle) if d is not None)
+            self._watch = self.loop.call_at(due, self._on_watch)
+
+    def stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     async def drain(self) -> None:
         if self.closed:
@@ -556,9 +588,7 @@ class UpstreamPool:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have expired
-            if conn.expiry is not None:
-                conn.expiry.cancel()
-                conn.expiry = None
+            conn.idle_until(None)
             if not conn.closed:
                 return conn
         return None
@@ -597,10 +627,9 @@ class UpstreamPool:
             self._discard(conn)
             return
         idle.append(conn)
-        conn.expiry = self.loop.call_later(self.keepalive_timeout, self._expire_idle, conn)
+        conn.idle_until(self.loop.time() + self.keepalive_timeout)
 
     def _expire_idle(self, conn: _Connection) -> None:
-        conn.expiry = None
         conn.close()
         self._forget(conn)
 
@@ -616,9 +645,7 @@ class UpstreamPool:
 
     def _forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
-        if conn.expiry is not None:
-            conn.expiry.cancel()
-            conn.expiry = None
+        conn.stop_watching()
         idle = self._idle.get(conn.origin)
         if idle and conn in idle:
             idle.remove(conn)
