@@ -530,6 +530,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 
 class RendersMetrics(Protocol):
+    def flush(self) -> None: ...
     def render(self) -> tuple[bytes, str]: ...
 
 
@@ -538,6 +539,7 @@ def create_admin_app(metrics: RendersMetrics) -> web.Application:
     is this process's, or (``gateway.workers``) every worker's summed."""
 
     async def render_metrics(request: web.Request) -> web.Response:
+        metrics.flush()  # the observations gathered since the last flush, on this thread
         # Off the loop: a scrape must not hold up requests while the text is put together.
         body, content_type = await asyncio.to_thread(metrics.render)
         return web.Response(body=body, headers={"Content-Type": content_type})

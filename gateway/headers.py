@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-import os
+import random
 import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -262,21 +262,30 @@ def clean_request_headers(
     return CIMultiDict(kept)
 
 
-def clean_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
-    """An upstream response's headers, fit to send on the client's connection.
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def clean_response_headers(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An upstream response's header fields (as received), fit to send on the client's
+    connection.
 
     Removed: hop-by-hop headers and those named in ``Connection``. ``Transfer-Encoding`` is
-    hop-by-hop, so aiohttp's ``StreamResponse`` re-frames: it keeps the upstream's
+    hop-by-hop, so the response is re-framed (``Exchange.send_head``): with the upstream's
     ``Content-Length`` when there is one (the body is relayed byte for byte, the client
-    decompresses nothing) and chunks otherwise; for HEAD, 204 and 304 it sends no body.
+    decompresses nothing), chunked otherwise; for HEAD, 204 and 304 with no body.
+    Bytes in, bytes out: a value is never decoded only to be encoded again.
     """
-    connection = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        norm = name.lower()
-        if norm in HOP_BY_HOP or norm.startswith(HOP_BY_HOP_PREFIX) or norm in connection:
+    out = []
+    named: set[bytes] | None = None
+    for name, value in fields:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP_BYTES or lower.startswith(b"proxy-"):
+            if lower == b"connection":
+                named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
             continue
-        out.add(name, value)
+        out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
     return out
 
 
@@ -413,4 +422,7 @@ def request_id(client_value: str | None) -> str:
     """The client's ``X-Request-Id`` if it is 1..128 of ``[A-Za-z0-9._-]``, else a new one."""
     if client_value is not None and _REQUEST_ID.fullmatch(client_value):
         return client_value
-    return os.urandom(16).hex()  # 128 random bits, as a UUID4 has, at a fraction of the cost
+    # 128 random bits, as a UUID4 has. Not a secret, so not os.urandom: a system call per
+    # request costs more than the rest of this function; the module's generator is reseeded
+    # in every forked worker.
+    return f"{random.getrandbits(128):032x}"

@@ -303,7 +303,7 @@ class Forwarder:
         return BadGateway("The upstream service is unreachable or answered badly.")
 
     async def _relay(self, exchange: Exchange, upstream: UpstreamResponse) -> None:
-        headers = clean_response_headers(upstream.headers).items()
+        headers = clean_response_headers(upstream.fields)
         whole = upstream.arrived_whole()
         if whole is not None:
             # The whole answer is already here: head and body go out in one write. Nothing

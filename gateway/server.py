@@ -205,18 +205,25 @@ _SINGLETONS = frozenset(
     }
 )
 _NO_BODY_STATUSES = frozenset((204, 304, *range(100, 200)))
+
+
+def _singleton_twice(fields: list[tuple[bytes, bytes]]) -> bool:
+    names = [n.lower() for n, _ in fields]
+    return any(names.count(n) > 1 for n in _SINGLETONS)
+
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_HOP_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+_HOP_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
-_date: tuple[int, str] = (0, "")
+_date: tuple[int, bytes] = (0, b"")
 
 
-def _http_date() -> str:
+def _http_date() -> bytes:
     """The ``Date`` header value, formatted once per second."""
     global _date
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)))
+        _date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode())
     return _date[1]
 
 
@@ -353,54 +360,55 @@ class Exchange:
     def send_head(
         self,
         status: int,
-        reason: str,
-        headers: Iterable[tuple[str, str]],
+        reason: bytes,
+        fields: Iterable[tuple[bytes, bytes]],
         *,
         whole: bytes | None = None,
     ) -> None:
-        """The status line and ``headers`` (framing headers among them are re-derived);
+        """The status line and header ``fields`` (framing fields among them are re-derived);
         with ``whole``, the entire body follows in the same write and the response is done.
         Otherwise the body goes by ``send`` and ``send_end``: with the ``Content-Length``
-        found in ``headers``, else chunked (HTTP/1.1) or until close (HTTP/1.0)."""
+        found in ``fields``, else chunked (HTTP/1.1) or until close (HTTP/1.0)."""
         no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES
-        lines = [f"HTTP/1.1 {status} {reason}"]
-        length: str | None = None
+        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+        extra = [(n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in self.extra_headers]
+        replaced = {n.lower() for n, _ in extra if n != b"Vary"}
+        length: bytes | None = None
         has_date = False
-        extra = self.extra_headers
-        replaced = {name.lower() for name, _ in extra if name != "Vary"}
-        for name, value in headers:
+        for name, value in fields:
             lower = name.lower()
             if lower in _HOP_FRAMING or lower in replaced:
-                if lower == "content-length":
+                if lower == b"content-length":
                     length = value
                 continue
-            if lower == "date":
+            if lower == b"date":
                 has_date = True
-            lines.append(f"{name}: {value}")
-        lines += [f"{name}: {value}" for name, value in extra]
+            lines.append(name + b": " + value)
+        lines += [name + b": " + value for name, value in extra]
         if not has_date:
-            lines.append(f"Date: {_http_date()}")
+            lines.append(b"Date: " + _http_date())
         if whole is not None and not no_body:
-            length = str(len(whole))
+            length = b"%d" % len(whole)
         if status in _NO_BODY_STATUSES:
             length = None
         elif length is not None:
-            lines.append(f"Content-Length: {length}")
+            lines.append(b"Content-Length: " + length)
         elif not no_body and whole is None:
             if self.version == HttpVersion11:
                 self._chunked_out = True
-                lines.append("Transfer-Encoding: chunked")
+                lines.append(b"Transfer-Encoding: chunked")
             else:
                 self.keep_alive = False  # the end of the body is the end of the connection
         self._decide_keep_alive()
         if not self.keep_alive:
-            lines.append("Connection: close")
+            lines.append(b"Connection: close")
         elif self.version == HttpVersion10:
-            lines.append("Connection: keep-alive")
-        text = "\r\n".join(lines)
-        if text.count("\r") != len(lines) - 1 or text.count("\n") != len(lines) - 1:
+            lines.append(b"Connection: keep-alive")
+        lines.append(b"\r\n")
+        breaks = len(lines)  # one between each two lines, one in the last
+        head = b"\r\n".join(lines)
+        if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
             raise ValueError("A response header holds a line break.")
-        head = text.encode("utf-8", "surrogateescape") + b"\r\n\r\n"
         self.status = status
         self._head_sent = True
         if whole is None:
@@ -437,10 +445,10 @@ class Exchange:
         response = problem_response(err)
         body = response.body
         assert isinstance(body, bytes)
-        headers = list(response.headers.items())
+        fields = [(n.encode(), v.encode()) for n, v in response.headers.items()]
         if not self.extra_headers:
-            headers.append(("X-Request-Id", hdr.request_id(None)))
-        self.send_head(err.status, HTTPStatus(err.status).phrase, headers, whole=body)
+            fields.append((b"X-Request-Id", hdr.request_id(None).encode()))
+        self.send_head(err.status, HTTPStatus(err.status).phrase.encode(), fields, whole=body)
 
     def abort(self) -> None:
         """Cut the connection: a response under way cannot be completed honestly."""
@@ -738,13 +746,8 @@ class GatewayProtocol(BaseProtocol):
         if len(name) + len(value) > self._limits.max_field_size:
             raise _HeadTooLarge()
         fields = self._fields
-        if name.lower() in _SINGLETONS:
-            lower = name.lower()
-            if any(n.lower() == lower for n, _ in fields):
-                # Which copy would a filter in front of the gateway, or the upstream, read?
-                raise _Duplicate()
         fields.append((name, value))
-        if len(self._fields) > self._limits.max_headers:
+        if len(fields) > self._limits.max_headers:
             raise _HeadTooLarge()
 
     def on_headers_complete(self) -> None:
@@ -755,10 +758,15 @@ class GatewayProtocol(BaseProtocol):
         http = self._http
         version = _VERSIONS.get(http.get_http_version())
         fields = self._fields
+        if len({n.lower() for n, _ in fields}) != len(fields) and _singleton_twice(fields):
+            # Which copy would a filter in front of the gateway, or the upstream, read?
+            raise _Duplicate()
         headers = CIMultiDictProxy(
             CIMultiDict(
-                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                for n, v in fields
+                [
+                    (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                    for n, v in fields
+                ]
             )
         )
         method = http.get_method().decode("ascii")
@@ -873,8 +881,8 @@ class GatewayProtocol(BaseProtocol):
                 exchange.keep_alive = False  # whatever broke may have left the stream astray
                 try:
                     exchange.send_problem(GatewayError("The gateway failed to handle the request."))
-                except ConnectionError:
-                    pass
+                except Exception:
+                    exchange.abort()
         finally:
             self.server.log_access(exchange)
 

@@ -51,7 +51,7 @@ _GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Names the pool writes itself, from the origin and the body's framing.
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 _OWN_NAMES = ("Host", "Content-Length", "Transfer-Encoding")
-_FRAMING = ("content-length", "transfer-encoding")
+_FRAMING = (b"content-length", b"transfer-encoding")
 # Control characters a header must not hold (CR and LF are counted separately).
 _CONTROL = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
@@ -154,8 +154,7 @@ class _Connection(asyncio.Protocol):
         self.informational = False
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[str, str]] = []
-        self.until_close = False
+        self.headers: list[tuple[bytes, bytes]] = []
         self.body: deque[bytes] = deque()
         self.buffered = 0
         self.body_waiter: asyncio.Future[None] | None = None
@@ -196,7 +195,7 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter.set_exception(_Closed("the upstream closed the connection"))
         if not self.busy or self.complete:
             return
-        if not self.in_head and self.until_close and exc is None:
+        if not self.in_head and self._until_close() and exc is None:
             self._finish(keep_alive=False)  # the close is the end of this body
         else:
             self.fail(_Closed("the upstream closed the connection before the response ended"))
@@ -247,11 +246,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
-        if self.head_size > MAX_HEAD_SIZE or len(self.headers) >= MAX_HEADERS:
+        headers = self.headers
+        if self.head_size > MAX_HEAD_SIZE or len(headers) >= MAX_HEADERS:
             raise UpstreamError("the upstream's response head is too large")
-        self.headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -263,8 +261,6 @@ class _Connection(asyncio.Protocol):
         self.informational = False
         self.in_head = False
         self.status = status
-        # Neither length nor chunking: the body ends when the upstream closes the connection.
-        self.until_close = not any(n.lower() in _FRAMING for n, _ in self.headers)
         self.head_deadline = None
         if self.head_only:
             # httptools cannot be told the request was HEAD: the head is the whole message,
@@ -292,6 +288,10 @@ class _Connection(asyncio.Protocol):
             self._finish(keep_alive=self.parser.should_keep_alive())
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _until_close(self) -> bool:
+        """Neither length nor chunking: the body ends when the upstream closes."""
+        return not any(n.lower() in _FRAMING for n, _ in self.headers)
 
     def _finish(self, *, keep_alive: bool) -> None:
         self.complete = True
@@ -451,15 +451,23 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class UpstreamResponse:
     """A response whose head has arrived; read its body, then ``release()`` it (always)."""
 
-    __slots__ = ("status", "reason", "headers", "_conn", "_read_timeout", "_released")
+    __slots__ = ("status", "reason", "fields", "_conn", "_read_timeout", "_released")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn = conn
         self._read_timeout = read_timeout
         self._released = False
         self.status = conn.status
-        self.reason = conn.reason.decode("latin-1")
-        self.headers: CIMultiDict[str] = CIMultiDict(conn.headers)
+        self.reason: bytes = conn.reason
+        self.fields: list[tuple[bytes, bytes]] = conn.headers  # as received, in order
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The header fields as text (UTF-8, undecodable bytes kept as surrogates)."""
+        return CIMultiDict(
+            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+            for n, v in self.fields
+        )
 
     async def read(self) -> bytes:
         """The next piece of the body, ``b""`` at its end. Raises ``UpstreamError`` or

@@ -194,6 +194,9 @@ class _AllWorkers:
     def __init__(self, metrics_dir: str) -> None:
         self._metrics_dir = metrics_dir
 
+    def flush(self) -> None:
+        """Nothing is pending here: each worker flushes its own observations to its files."""
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CollectorRegistry
         from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest

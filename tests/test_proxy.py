@@ -270,8 +270,8 @@ def gateway_app(forwarder: Forwarder, routes: dict[str, RouteSettings]) -> EdgeT
                 exchange, route=route, upstream_path=upstream_path, headers=headers
             )
         except GatewayError as err:
-            text = [("Content-Type", "text/plain; charset=utf-8")]
-            exchange.send_head(err.status, "Refused", text, whole=err.code.encode())
+            text = [(b"Content-Type", b"text/plain; charset=utf-8")]
+            exchange.send_head(err.status, b"Refused", text, whole=err.code.encode())
 
     app = web.Application()
     app[EDGE_HANDLER] = handle

@@ -217,7 +217,7 @@ async def test_status_reason_and_headers_in_order_with_duplicates(
         b"Content-Length: 0\r\n\r\n",
     )
     response, _ = await get(pool, server.origin)
-    assert (response.status, response.reason) == (299, "Very Fine")
+    assert (response.status, response.reason) == (299, b"Very Fine")
     assert list(response.headers.items()) == [
         ("Set-Cookie", "a=1"),
         ("X-Mid", "m"),
