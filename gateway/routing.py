@@ -46,6 +46,16 @@ def normalize_host(host: str | None) -> str | None:
     """Host as routes compare it: lower-case, without port and one trailing dot."""
     if not host:
         return None
+    known = _normalized.get(host)
+    if known is not None:
+        return known
+    normal = _normalize_host(host)
+    if normal is not None:
+        _remember(_normalized, host, normal)
+    return normal
+
+
+def _normalize_host(host: str) -> str | None:
     host = host.strip().lower()
     if host.startswith("["):  # IPv6 literal, maybe with a port after "]"
         end = host.find("]")
@@ -76,7 +86,31 @@ def valid_host(value: str | None) -> str | None:
     ``[IPv6][:port]`` (RFC 9112 §3.2: a Host with an invalid value is a 400): ``a@b``,
     ``a b``, ``a,b``, ``a..b``, ``x%2eexample``, ``h:99999``, ``h:1:2``, non-ASCII.
     """
-    if value is None or not value.strip():
+    if value is None:
+        return None
+    if value in _valid_hosts:
+        return _valid_hosts[value]
+    checked = _check_host(value)
+    if checked is not None:
+        _remember(_valid_hosts, value, checked)
+    return checked
+
+
+# A gateway sees a handful of Host values, again and again: each is checked once. Only
+# valid ones are kept, and a client sending new ones cannot grow the memo past its bound.
+_MEMO_SIZE = 1024
+_valid_hosts: dict[str, str] = {}
+_normalized: dict[str, str] = {}
+
+
+def _remember(memo: dict[str, str], key: str, value: str) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
+
+
+def _check_host(value: str) -> str | None:
+    if not value.strip():
         return None
     value = value.strip()
     found = _HOST.fullmatch(value)
