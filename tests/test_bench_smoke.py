@@ -129,3 +129,26 @@ def test_non_2xx_answers_are_counted_as_errors(harness: ModuleType, lab: object)
         "one-token", "gw-1", 4, 1.0, 10, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0, [1.0], {}
     )
     assert harness.failures([clean]) == []
+
+
+def test_the_in_process_harness_runs_the_real_request_path() -> None:
+    """bench/inprocess.py fakes the sockets but must drive the real edge, gateway and pool:
+    a path it no longer reaches (an internal renamed) fails here, not on the next run."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "inprocess.py"),
+            "--requests",
+            "300",
+            "--rounds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("CPU per request, µs: "), done.stdout
+    best = float(done.stdout.rsplit("best ", 1)[1])
+    assert 1 < best < 100_000  # a figure, not a skipped loop (every answer was the upstream's)
