@@ -15,7 +15,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway import headers as hdr
@@ -65,6 +65,7 @@ class _Peer(Protocol):
 PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
 POOL_REPORT_INTERVAL = 5.0
 STORE_START_WAIT = 5.0  # how long start waits for a database server before serving anyway
+RENDERED_IDENTITIES = 32_768  # callers whose identity headers are kept rendered
 
 
 class Gateway:
@@ -98,6 +99,9 @@ class Gateway:
         }
         self.cors_headers = CorsHeaders(settings.cors)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
+        # Upstream fields the gateway sets itself, so a client's copy never goes along.
+        self._set_here = frozenset({b"x-request-id"})
+        self._rendered: dict[int, tuple[Identity, list[tuple[bytes, bytes]]]] = {}
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
         self.metrics = metrics or Metrics()  # one registry across reloads
@@ -330,7 +334,7 @@ class Gateway:
         if identity is not None:
             exchange.auth = "ok"
             exchange.user_id = identity.id
-        upstream_headers = self._upstream_headers(exchange, identity, match, host)
+        upstream_fields = self._upstream_fields(exchange, identity, match, host)
         started = time.perf_counter()
         try:
             if route.websocket and is_websocket_upgrade(exchange):
@@ -338,7 +342,7 @@ class Gateway:
                     exchange.aiohttp_request(),
                     route=route,
                     upstream_path=match.upstream_path,
-                    headers=upstream_headers,
+                    headers=hdr.text_fields(upstream_fields),
                 )
                 await exchange.send_response(response)
                 return
@@ -347,7 +351,7 @@ class Gateway:
                 exchange,
                 route=route,
                 upstream_path=match.upstream_path,
-                headers=upstream_headers,
+                headers=upstream_fields,
             )
         except Exception as err:
             status = getattr(err, "status", None)
@@ -363,40 +367,56 @@ class Gateway:
     def _bearer(self, request: _Peer) -> str | None:
         return bearer_token(request.headers.getall("Authorization", []))
 
-    def _upstream_headers(
+    def _upstream_fields(
         self, exchange: Exchange, identity: Identity | None, match: RouteMatch, host: str | None
-    ) -> CIMultiDict[str]:
+    ) -> list[tuple[bytes, bytes]]:
+        """The upstream request's header fields: the client's, cleaned (bytes as received),
+        then identity, forwarding and request id."""
         trusted = self.peer_trusted(exchange)
-        out = hdr.clean_request_headers(
+        route = match.route
+        fields = hdr.upstream_request_fields(
             self.header_policy,
-            exchange.headers,
+            exchange.raw_headers,
             peer_trusted=trusted,
-            websocket=match.route.websocket,
-            forward_authorization=match.route.forward_authorization,
+            websocket=route.websocket,
+            forward_authorization=route.forward_authorization,
+            also_drop=self._set_here,
         )
         if identity is not None:
-            out.extend(hdr.identity_header_values(self.settings.headers, identity))
+            fields += self._identity_fields(identity)
             assertion = self.settings.headers.assertion
             if assertion:
-                audience = self.origins[match.route.name]
-                out[assertion] = self.tokens.issue_assertion(identity, audience)
+                token = self.tokens.issue_assertion(identity, self.origins[route.name])
+                fields.append((assertion.encode(), token.encode()))
         chain = exchange.headers.getall("X-Forwarded-For", [])
-        out.extend(
-            hdr.forwarded_headers(
-                client_ip=self.client_ip(exchange),
-                proto=hdr.forwarded_proto(
-                    exchange.scheme,
-                    exchange.headers.getall("X-Forwarded-Proto", []),
-                    peer_trusted=trusted,
-                ),
-                host=host,
-                existing_xff=", ".join(chain) if chain else None,
+        forwarded = hdr.forwarded_headers(
+            client_ip=self.client_ip(exchange),
+            proto=hdr.forwarded_proto(
+                exchange.scheme,
+                exchange.headers.getall("X-Forwarded-Proto", []),
                 peer_trusted=trusted,
-                peer=exchange.remote,
-            )
+            ),
+            host=host,
+            existing_xff=", ".join(chain) if chain else None,
+            peer_trusted=trusted,
+            peer=exchange.remote,
         )
-        out["X-Request-Id"] = exchange.request_id
-        return out
+        fields += [(n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in forwarded]
+        fields.append((b"X-Request-Id", exchange.request_id.encode()))
+        return fields
+
+    def _identity_fields(self, identity: Identity) -> list[tuple[bytes, bytes]]:
+        """The identity headers of a caller, rendered once per verified identity (the
+        verified-token cache hands out the same object for every request with its token)."""
+        known = self._rendered.get(id(identity))
+        if known is not None and known[0] is identity:
+            return known[1]
+        values = hdr.identity_header_values(self.settings.headers, identity)
+        fields = [(n.encode(), v.encode()) for n, v in values]  # printable ASCII: encode_value
+        if len(self._rendered) >= RENDERED_IDENTITIES:
+            self._rendered.clear()
+        self._rendered[id(identity)] = (identity, fields)  # holding it keeps its id unique
+        return fields
 
     # -- forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth) ----
 

@@ -40,6 +40,8 @@ __all__ = [
     "GATEWAY_COOKIES",
     "HeaderPolicy",
     "clean_request_headers",
+    "text_fields",
+    "upstream_request_fields",
     "clean_response_headers",
     "client_ip",
     "peer_is_trusted",
@@ -144,10 +146,11 @@ class HeaderPolicy:
         self._strip = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
         # Whether a header name (as sent) is dropped, per (peer trusted, Authorization kept):
         # names repeat from request to request, the rules do not change.
-        self._verdicts: dict[tuple[str, bool, bool], bool] = {}
+        self._verdicts: dict[tuple[bytes, bool, bool], bool] = {}
 
-    def drops(self, name: str, *, peer_trusted: bool, forward_authorization: bool) -> bool:
-        """True when the client's ``name`` header never goes upstream (``Connection`` aside)."""
+    def drops(self, name: bytes, *, peer_trusted: bool, forward_authorization: bool) -> bool:
+        """True when the client's ``name`` header never goes upstream (``Connection`` aside).
+        ``name`` as received: a token, ASCII by the parser's rules."""
         key = (name, peer_trusted, forward_authorization)
         verdict = self._verdicts.get(key)
         if verdict is None:
@@ -155,7 +158,7 @@ class HeaderPolicy:
                 self._verdicts.clear()  # a client inventing names must not grow it unbounded
             verdict = self._verdicts[key] = _drop_request_header(
                 self,
-                _norm(name),
+                _norm(_text(name)),
                 frozenset(),
                 peer_trusted=peer_trusted,
                 forward_authorization=forward_authorization,
@@ -177,14 +180,6 @@ class HeaderPolicy:
 
     def __repr__(self) -> str:
         return f"HeaderPolicy(identity={sorted(self.identity)!r}, strip={self.settings.strip!r})"
-
-
-def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(_norm(t.strip()) for t in value.split(","))
-    tokens.discard("")
-    return frozenset(tokens)
 
 
 def _drop_request_header(
@@ -227,7 +222,44 @@ def clean_request_headers(
     websocket: bool = False,
     forward_authorization: bool = True,
 ) -> CIMultiDict[str]:
-    """The client's headers minus everything CONTRACT §6 removes, in one pass.
+    """``upstream_request_fields`` for headers already decoded as text (aiohttp's view)."""
+    fields = [
+        (n.encode("latin-1"), v.encode("utf-8", "surrogateescape")) for n, v in headers.items()
+    ]
+    kept = upstream_request_fields(
+        policy,
+        fields,
+        peer_trusted=peer_trusted,
+        websocket=websocket,
+        forward_authorization=forward_authorization,
+    )
+    return text_fields(kept)
+
+
+def text_fields(fields: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """Header fields as text, as aiohttp holds them (undecodable bytes kept as surrogates)."""
+    return CIMultiDict([(_text(n), _text(v)) for n, v in fields])
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def upstream_request_fields(
+    policy: HeaderPolicy,
+    fields: Iterable[tuple[bytes, bytes]],
+    *,
+    peer_trusted: bool,
+    websocket: bool = False,
+    forward_authorization: bool = True,
+    also_drop: frozenset[bytes] = frozenset(),
+) -> list[tuple[bytes, bytes]]:
+    """The client's header fields (bytes, as received) minus everything CONTRACT §6 removes,
+    in one pass.
 
     Removed: identity and ``strip`` headers; hop-by-hop headers (``Upgrade`` and
     ``Connection`` too on websocket routes: aiohttp's websocket client writes its own
@@ -235,31 +267,40 @@ def clean_request_headers(
     ``Expect`` (the Forwarder sets framing and Host per hop); ``X-Forwarded-For/-Proto/-Host``
     (``forwarded_headers`` sets them); method overrides (``METHOD_OVERRIDE``); for an
     untrusted peer also every ``X-Forwarded-*``, ``Forwarded`` and ``UNTRUSTED_ONLY`` header;
-    ``Authorization`` unless forwarded. The
-    gateway's cookies are removed from ``Cookie``; the other cookies are merged into a single
-    ``Cookie`` header (RFC 9113 §8.2.3), dropped when none is left.
+    ``Authorization`` unless forwarded; names in ``also_drop`` (lower case: what the caller
+    sets itself). The gateway's cookies are removed from ``Cookie``; the other cookies are
+    merged into a single ``Cookie`` header (RFC 9113 §8.2.3), dropped when none is left.
     On websocket routes the ``Sec-WebSocket-*`` handshake headers go as well.
+    Values are never decoded on the way: the bytes the client sent are the bytes sent on.
     """
-    connection = _connection_tokens(headers) if "Connection" in headers else frozenset()
-    kept: list[tuple[str, str]] = []
-    cookies: list[str] = []
+    fields = fields if isinstance(fields, list | tuple) else list(fields)
+    named: set[str] = set()
+    for name, value in fields:
+        if name.lower() == b"connection":
+            tokens = (_norm(t.strip()) for t in _text(value).split(","))
+            named.update(t for t in tokens if t)
+    kept: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
     drops = policy.drops
-    for name, value in headers.items():
+    for name, value in fields:
         if drops(name, peer_trusted=peer_trusted, forward_authorization=forward_authorization):
             continue
-        if connection and _norm(name) in connection:
+        lower = name.lower()
+        if lower in also_drop:
             continue
-        if websocket and _norm(name).startswith("sec-websocket-"):
+        if named and _norm(_text(name)) in named:
             continue
-        if name.lower() == "cookie":
-            filtered = _filter_cookie(value)
+        if websocket and _norm(_text(name)).startswith("sec-websocket-"):
+            continue
+        if lower == b"cookie":
+            filtered = _filter_cookie(_text(value))
             if filtered:
-                cookies.append(filtered)
+                cookies.append(_bytes(filtered))
             continue
         kept.append((name, value))
     if cookies:
-        kept.append(("Cookie", "; ".join(cookies)))
-    return CIMultiDict(kept)
+        kept.append((b"Cookie", b"; ".join(cookies)))
+    return kept
 
 
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)

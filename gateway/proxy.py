@@ -225,7 +225,7 @@ class Forwarder:
         *,
         route: RouteSettings,
         upstream_path: str,
-        headers: CIMultiDict[str],
+        headers: list[tuple[bytes, bytes]] | CIMultiDict[str],
     ) -> None:
         """Send ``exchange``'s request to the route's next upstream and stream its answer back.
 
@@ -273,7 +273,7 @@ class Forwarder:
         upload: _Upload,
         origin: Origin,
         target: str,
-        headers: CIMultiDict[str],
+        headers: list[tuple[bytes, bytes]] | CIMultiDict[str],
         host: str | None,
         length: int | None,
     ) -> UpstreamResponse:

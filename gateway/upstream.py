@@ -50,7 +50,7 @@ _LOW_WATER = 64 * 1024
 _GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Names the pool writes itself, from the origin and the body's framing.
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
-_OWN_NAMES = ("Host", "Content-Length", "Transfer-Encoding")
+_OWN_FIELDS = frozenset(name.encode() for name in _OWN_HEADERS)
 _FRAMING = (b"content-length", b"transfer-encoding")
 # Control characters a header must not hold (CR and LF are counted separately).
 _CONTROL = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
@@ -95,21 +95,24 @@ def serialize_head(
     length: int | None,
 ) -> bytes:
     """The request line and headers. ``Host`` comes first; ``Content-Length`` and
-    ``Transfer-Encoding`` in ``headers`` are replaced by the body's actual framing."""
-    parts = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    if isinstance(headers, CIMultiDict) and not any(name in headers for name in _OWN_NAMES):
-        parts += [f"{name}: {value}" for name, value in headers.items()]  # the usual case
+    ``Transfer-Encoding`` in ``headers`` are replaced by the body's actual framing.
+
+    ``headers``: a list of ``(name, value)`` byte pairs (sent as they are: the gateway's own
+    path, which never decodes a client's bytes), or any ``items()`` mapping of text."""
+    encode = _encode
+    lines = [encode(f"{method} {target} HTTP/1.1"), b"Host: " + encode(host)]
+    if isinstance(headers, list):
+        lines += [n + b": " + v for n, v in headers if n.lower() not in _OWN_FIELDS]
     else:
-        parts += [f"{n}: {v}" for n, v in headers.items() if n.lower() not in _OWN_HEADERS]
+        lines += [encode(f"{n}: {v}") for n, v in headers.items() if n.lower() not in _OWN_HEADERS]
     if length is not None:
-        parts.append(f"Content-Length: {length}")
+        lines.append(b"Content-Length: %d" % length)
     elif has_body:
-        parts.append("Transfer-Encoding: chunked")
+        lines.append(b"Transfer-Encoding: chunked")
     elif method not in _GET_METHODS:
-        parts.append("Content-Length: 0")  # what aiohttp's client sent; some servers want it
-    # surrogateescape: header bytes the client sent that are not UTF-8 go out unchanged.
-    head = "\r\n".join(parts).encode("utf-8", "surrogateescape")
-    breaks = len(parts) - 1
+        lines.append(b"Content-Length: 0")  # what aiohttp's client sent; some servers want it
+    head = b"\r\n".join(lines)
+    breaks = len(lines) - 1
     if (
         head.count(b"\n") != breaks
         or head.count(b"\r") != breaks
@@ -117,6 +120,11 @@ def serialize_head(
     ):
         raise ValueError("Forbidden control character in the request head.")
     return head + b"\r\n\r\n"
+
+
+def _encode(text: str) -> bytes:
+    # surrogateescape: header bytes the client sent that are not UTF-8 go out unchanged.
+    return text.encode("utf-8", "surrogateescape")
 
 
 class _Connection(asyncio.Protocol):
