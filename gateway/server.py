@@ -71,6 +71,7 @@ from gateway.errors import (
     RequestTimeout,
 )
 from gateway.middleware import problem_response
+from gateway.timers import no_later_than
 
 __all__ = [
     "Exchange",
@@ -962,14 +963,7 @@ class GatewayProtocol(BaseProtocol):
     # -- deadlines -------------------------------------------------------------------
 
     def _arm(self, when: float) -> None:
-        """Make sure the watch fires no later than ``when`` (a handle firing early just
-        reschedules itself, so an earlier pending one is kept)."""
-        watch = self._watch
-        if watch is not None:
-            if watch.when() <= when:
-                return
-            watch.cancel()
-        self._watch = self.loop.call_at(when, self._on_watch)
+        self._watch = no_later_than(self._watch, when, self.loop, self._on_watch)
 
     def _on_watch(self) -> None:
         self._watch = None

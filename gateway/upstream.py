@@ -31,6 +31,8 @@ import httptools
 import yarl
 from multidict import CIMultiDict
 
+from gateway.timers import no_later_than
+
 __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_SIZE",
@@ -344,13 +346,7 @@ class _Connection(asyncio.Protocol):
             self._arm(deadline)
 
     def _arm(self, when: float) -> None:
-        # A timer firing early just looks again, so an earlier pending one is kept.
-        watch = self._watch
-        if watch is not None:
-            if watch.when() <= when:
-                return
-            watch.cancel()
-        self._watch = self.loop.call_at(when, self._on_watch)
+        self._watch = no_later_than(self._watch, when, self.loop, self._on_watch)
 
     def _on_watch(self) -> None:
         self._watch = None
