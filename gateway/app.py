@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import aiohttp
@@ -275,6 +275,7 @@ class Gateway:
     async def handle(self, exchange: Exchange) -> None:
         """Serve one request: a CORS preflight, one of the gateway's endpoints, or a route.
         Whatever goes wrong before the response started is answered as problem+json."""
+        self.enter()
         request_id = hdr.request_id(exchange.headers.get("X-Request-Id"))
         exchange.request_id = request_id
         exchange.extra_headers = [("X-Request-Id", request_id)]
@@ -284,29 +285,27 @@ class Gateway:
         exchange.route = NO_ROUTE
         started = time.perf_counter()
         try:
-            await self._dispatch(exchange)
+            preflight = preflight_response(exchange, self.settings.cors)
+            if preflight is not None:
+                exchange.route = OWN_ENDPOINT
+                await exchange.send_response(preflight)
+                return
+            target = request_target(exchange.target, exchange.headers.get("Host"))
+            path = canonical_path(target.path)
+            own = self.own.table.get(path)
+            if own is not None:
+                exchange.route = OWN_ENDPOINT
+                await self._own_endpoint(exchange, own)
+                return
+            match = self.routes.match(exchange.method, target.host, path)
+            exchange.route = match.route.name
+            await self._proxy(exchange, match, target.host)
         except Exception as exc:
             self._refuse(exchange, problem_for(exc, f"{exchange.method} {exchange.target[:200]}"))
         finally:
             status = exchange.status or 500
             self.metrics.request_done(exchange.route, status, time.perf_counter() - started)
-
-    async def _dispatch(self, exchange: Exchange) -> None:
-        preflight = preflight_response(exchange, self.settings.cors)
-        if preflight is not None:
-            exchange.route = OWN_ENDPOINT
-            await exchange.send_response(preflight)
-            return
-        target = request_target(exchange.target, exchange.headers.get("Host"))
-        path = canonical_path(target.path)
-        own = self.own.table.get(path)
-        if own is not None:
-            exchange.route = OWN_ENDPOINT
-            await self._own_endpoint(exchange, own)
-            return
-        match = self.routes.match(exchange.method, target.host, path)
-        exchange.route = match.route.name
-        await self._proxy(exchange, match, target.host)
+            self.leave()
 
     def _refuse(self, exchange: Exchange, err: GatewayError) -> None:
         if isinstance(err, Unauthorized | Forbidden):
@@ -490,13 +489,9 @@ class LiveGateway:
         self._clock = clock
         self._retiring: set[asyncio.Task[None]] = set()
 
-    async def handle(self, exchange: Exchange) -> None:
-        gateway = self.current
-        gateway.enter()
-        try:
-            await gateway.handle(exchange)
-        finally:
-            gateway.leave()
+    def handle(self, exchange: Exchange) -> Awaitable[None]:
+        """The current gateway serves ``exchange`` to its end (it counts it in flight)."""
+        return self.current.handle(exchange)
 
     async def replace(self, settings: Settings) -> None:
         """Start a gateway on ``settings`` and send new requests to it. Raises (and keeps the

@@ -262,7 +262,15 @@ class Forwarder:
             raise
         upload.answered = True
         try:
-            await self._relay(exchange, upstream)
+            headers = clean_response_headers(upstream.fields)
+            whole = upstream.arrived_whole()
+            if whole is not None:
+                # The whole answer is already here: head and body go out in one write.
+                # Nothing waited for it, so this is still streaming, not buffering.
+                exchange.send_head(upstream.status, upstream.reason, headers, whole=whole)
+            else:
+                exchange.send_head(upstream.status, upstream.reason, headers)
+                await self._relay_body(exchange, upstream)
         finally:
             upstream.release()
 
@@ -302,15 +310,7 @@ class Forwarder:
         log.info("upstream of route %s failed: %s", route.name, type(exc).__name__)
         return BadGateway("The upstream service is unreachable or answered badly.")
 
-    async def _relay(self, exchange: Exchange, upstream: UpstreamResponse) -> None:
-        headers = clean_response_headers(upstream.fields)
-        whole = upstream.arrived_whole()
-        if whole is not None:
-            # The whole answer is already here: head and body go out in one write. Nothing
-            # waited for it, so this is still streaming, not buffering.
-            exchange.send_head(upstream.status, upstream.reason, headers, whole=whole)
-            return
-        exchange.send_head(upstream.status, upstream.reason, headers)
+    async def _relay_body(self, exchange: Exchange, upstream: UpstreamResponse) -> None:
         try:
             while True:
                 try:

@@ -559,20 +559,28 @@ class UpstreamPool:
             length=length,
         )
         conn = self._take_idle(origin)
+        # An idle connection may have been closed by the upstream as we took it: a request
+        # without a body is then asked again, once, on a new connection (nothing was answered,
+        # nothing is lost).
+        retry = conn is not None and body is None
         if conn is None:
             conn = await self._connect(origin)
-            return await self._exchange(conn, head, method, body, length, read_timeout)
-        try:
-            return await self._exchange(conn, head, method, body, length, read_timeout)
-        except _Closed:
-            # The upstream closed an idle connection as we reused it: nothing was answered
-            # and, without a body, nothing is lost by asking again once, on a new connection.
-            if body is not None or conn.got_bytes:
+        while True:
+            waiter = self._send(conn, head, method, body, length, read_timeout)
+            try:
+                await waiter
+                return UpstreamResponse(conn, read_timeout)
+            except _Closed:
+                self._discard(conn)
+                if not retry or conn.got_bytes:
+                    raise
+            except BaseException:
+                self._discard(conn)
                 raise
-        fresh = await self._connect(origin)
-        return await self._exchange(fresh, head, method, body, length, read_timeout)
+            retry = False
+            conn = await self._connect(origin)
 
-    async def _exchange(
+    def _send(
         self,
         conn: _Connection,
         head: bytes,
@@ -580,7 +588,8 @@ class UpstreamPool:
         body: BodyReader | None,
         length: int | None,
         read_timeout: float,
-    ) -> UpstreamResponse:
+    ) -> asyncio.Future[None]:
+        """Start the exchange on ``conn``; the future is done when the response head arrived."""
         conn.begin(head, head_only=method == "HEAD")
         if body is None:
             conn.request_sent = True
@@ -589,12 +598,7 @@ class UpstreamPool:
             conn.writer = self.loop.create_task(conn.upload(body, length, read_timeout))
         waiter = conn.head_waiter
         assert waiter is not None
-        try:
-            await waiter
-        except BaseException:
-            self._discard(conn)
-            raise
-        return UpstreamResponse(conn, read_timeout)
+        return waiter
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
