@@ -159,7 +159,6 @@ class HeaderPolicy:
             verdict = self._verdicts[key] = _drop_request_header(
                 self,
                 _norm(_text(name)),
-                frozenset(),
                 peer_trusted=peer_trusted,
                 forward_authorization=forward_authorization,
             )
@@ -185,12 +184,12 @@ class HeaderPolicy:
 def _drop_request_header(
     policy: HeaderPolicy,
     norm: str,
-    connection: frozenset[str],
     *,
     peer_trusted: bool,
     forward_authorization: bool,
 ) -> bool:
-    if norm in HOP_BY_HOP or norm.startswith(HOP_BY_HOP_PREFIX) or norm in connection:
+    """The rules for one name; headers named in ``Connection`` are the caller's to drop."""
+    if norm in HOP_BY_HOP or norm.startswith(HOP_BY_HOP_PREFIX):
         return True
     if policy._owned(norm):
         return True
