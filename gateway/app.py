@@ -33,7 +33,12 @@ from gateway.handlers import Handler, OwnEndpoints
 from gateway.identity import Identity
 from gateway.issuers import ExternalVerifier
 from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
-from gateway.middleware import CorsHeaders, preflight_response, problem_for
+from gateway.middleware import (
+    CorsHeaders,
+    preflight_response,
+    problem_for,
+    problem_middleware,
+)
 from gateway.passwords import PasswordHasher
 from gateway.policy import bearer_token, decide
 from gateway.proxy import Forwarder, is_websocket_upgrade
@@ -562,7 +567,7 @@ def create_admin_app(metrics: RendersMetrics) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    admin = web.Application()
+    admin = web.Application(middlewares=[problem_middleware])  # errors as problem+json too
     admin.router.add_get("/metrics", render_metrics)
     admin.router.add_get("/healthz", healthz)
     return admin

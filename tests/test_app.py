@@ -58,3 +58,14 @@ async def test_admin_app_serves_prometheus_text(client: TestClient) -> None:
     assert resp.headers["Content-Type"].startswith("text/plain")
     assert 'gateway_requests_total{route="api",status="401"} 1.0' in text
     assert 'gateway_auth_failures_total{reason="unauthorized"} 1.0' in text
+
+
+async def test_admin_app_refuses_as_problem_json(client: TestClient) -> None:
+    admin = create_admin_app(client.app[GATEWAY].metrics)
+    async with TestClient(EdgeTestServer(admin)) as admin_client:
+        missing = await admin_client.get("/nope")
+        wrong_method = await admin_client.post("/metrics")
+        bodies = [await missing.json(), await wrong_method.json()]
+    assert (missing.status, wrong_method.status) == (404, 405)
+    assert missing.headers["Content-Type"] == "application/problem+json"
+    assert [b["status"] for b in bodies] == [404, 405]
