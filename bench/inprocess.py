@@ -6,7 +6,10 @@ one connection with a canned upstream answer and no system call, and reports the
 request over several rounds: the best round is the least disturbed one. It is for comparing
 two versions of the code on the same machine in the same minute, not for absolute figures.
 
-    python bench/inprocess.py [--requests 20000] [--rounds 5] [--profile]
+    python bench/inprocess.py [--requests 20000] [--rounds 5] [--profile] [--keys-dir DIR]
+
+With ``--keys-dir`` the signing keys are kept there between runs (made once): runs under an
+instruction counter (valgrind) are then deterministic, not dominated by key generation.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ UPSTREAM = "http://127.0.0.1:9"  # never connected: the pool is handed a fake co
 CONFIG = """\
 server: {{host: 127.0.0.1, port: 9, public_url: "http://127.0.0.1:9", admin: null}}
 database: {{url: "sqlite:///{dir}/bench.db"}}
-tokens: {{keys_dir: "{dir}/keys", access_ttl: 1h}}
+tokens: {{keys_dir: "{keys}", access_ttl: 1h}}
 accounts: {{bcrypt_rounds: 4}}
 routes:
   - {{name: api, path: /api, upstream: "{upstream}"}}
@@ -94,10 +97,12 @@ async def run_round(server: GatewayServer, request: bytes, count: int) -> float:
     return (time.process_time() - started) / count
 
 
-async def main(requests: int, rounds: int, profile: bool) -> None:
+async def main(requests: int, rounds: int, profile: bool, keys_dir: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.yaml"
-        config.write_text(CONFIG.format(dir=tmp, upstream=UPSTREAM))
+        config.write_text(
+            CONFIG.format(dir=tmp, keys=keys_dir or f"{tmp}/keys", upstream=UPSTREAM)
+        )
         app = create_app(load_settings(str(config)))
         gateway = app[LIVE].current
         await gateway.start()
@@ -143,6 +148,7 @@ def cli() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one more round")
+    parser.add_argument("--keys-dir", help="keep the signing keys here between runs")
     args = parser.parse_args()
     try:
         import uvloop
@@ -150,7 +156,7 @@ def cli() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(args.requests, args.rounds, args.profile))
+    asyncio.run(main(args.requests, args.rounds, args.profile, args.keys_dir))
 
 
 if __name__ == "__main__":

@@ -104,8 +104,6 @@ class Gateway:
         }
         self.cors_headers = CorsHeaders(settings.cors)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
-        # Upstream fields the gateway sets itself, so a client's copy never goes along.
-        self._set_here = frozenset({b"x-request-id"})
         self._rendered: dict[int, tuple[Identity, list[tuple[bytes, bytes]]]] = {}
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
@@ -384,7 +382,6 @@ class Gateway:
             peer_trusted=trusted,
             websocket=route.websocket,
             forward_authorization=route.forward_authorization,
-            also_drop=self._set_here,
         )
         if identity is not None:
             fields += self._identity_fields(identity)

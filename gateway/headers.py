@@ -25,12 +25,13 @@ import fnmatch
 import ipaddress
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from multidict import CIMultiDict, MultiMapping
 
 from gateway.config import HeaderSettings
+from gateway.memo import Memo
 
 __all__ = [
     "HOP_BY_HOP",
@@ -113,9 +114,12 @@ FORWARDED = frozenset(
 )
 FORWARDED_PREFIX = "x-forwarded-"
 
-# The three headers ``forwarded_headers`` sets: always removed from the client's copy so the
-# gateway's values are the only ones (for a trusted peer the chain is carried over by value).
-SET_BY_GATEWAY = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# The headers the gateway sets on every upstream request (``forwarded_headers``' three and the
+# request id): always removed from the client's copy so the gateway's values are the only ones
+# (for a trusted peer the chain is carried over by value).
+SET_BY_GATEWAY = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+)
 
 # Framing belongs to each hop (RFC 9112 §6): the Forwarder re-derives Content-Length from the
 # request as aiohttp parsed it, and answers ``Expect: 100-continue`` itself.
@@ -144,25 +148,19 @@ class HeaderPolicy:
         patterns = [fnmatch.translate(_norm(glob)) for glob in settings.strip]
         # One alternation: a single regex call per header, whatever the number of globs.
         self._strip = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-        # Whether a header name (as sent) is dropped, per (peer trusted, Authorization kept):
-        # names repeat from request to request, the rules do not change.
-        self._verdicts: dict[tuple[bytes, bool, bool], bool] = {}
+        # Per (peer trusted, Authorization kept, websocket): names repeat from request to
+        # request, the rules do not change.
+        self._verdicts: dict[tuple[bool, bool, bool], Memo[bytes, int]] = {}
 
-    def drops(self, name: bytes, *, peer_trusted: bool, forward_authorization: bool) -> bool:
-        """True when the client's ``name`` header never goes upstream (``Connection`` aside).
-        ``name`` as received: a token, ASCII by the parser's rules."""
-        key = (name, peer_trusted, forward_authorization)
-        verdict = self._verdicts.get(key)
-        if verdict is None:
-            if len(self._verdicts) >= _MAX_VERDICTS:
-                self._verdicts.clear()  # a client inventing names must not grow it unbounded
-            verdict = self._verdicts[key] = _drop_request_header(
-                self,
-                _norm(_text(name)),
-                peer_trusted=peer_trusted,
-                forward_authorization=forward_authorization,
-            )
-        return verdict
+    def verdicts(
+        self, *, peer_trusted: bool, forward_authorization: bool, websocket: bool
+    ) -> Memo[bytes, int]:
+        """What becomes of each client header name (as sent) on one kind of request."""
+        key = (peer_trusted, forward_authorization, websocket)
+        table = self._verdicts.get(key)
+        if table is None:
+            table = self._verdicts[key] = Memo(_request_verdict(self, *key), _MAX_VERDICTS)
+        return table
 
     def is_identity(self, name: str) -> bool:
         """True for a configured identity header or a ``strip`` match (any case, ``_``)."""
@@ -181,12 +179,28 @@ class HeaderPolicy:
         return f"HeaderPolicy(identity={sorted(self.identity)!r}, strip={self.settings.strip!r})"
 
 
-def _drop_request_header(
-    policy: HeaderPolicy,
-    norm: str,
-    *,
-    peer_trusted: bool,
-    forward_authorization: bool,
+# What becomes of a client's header field on the way upstream.
+KEEP, DROP, COOKIE, CONNECTION = 0, 1, 2, 3
+
+
+def _request_verdict(
+    policy: HeaderPolicy, peer_trusted: bool, forward_authorization: bool, websocket: bool
+) -> Callable[[bytes], int]:
+    def verdict(name: bytes) -> int:
+        norm = _norm(_text(name))
+        if norm == "connection":
+            return CONNECTION
+        if _dropped(policy, norm, peer_trusted, forward_authorization) or (
+            websocket and norm.startswith("sec-websocket-")
+        ):
+            return DROP
+        return COOKIE if norm == "cookie" else KEEP
+
+    return verdict
+
+
+def _dropped(
+    policy: HeaderPolicy, norm: str, peer_trusted: bool, forward_authorization: bool
 ) -> bool:
     """The rules for one name; headers named in ``Connection`` are the caller's to drop."""
     if norm in HOP_BY_HOP or norm.startswith(HOP_BY_HOP_PREFIX):
@@ -255,7 +269,6 @@ def upstream_request_fields(
     peer_trusted: bool,
     websocket: bool = False,
     forward_authorization: bool = True,
-    also_drop: frozenset[bytes] = frozenset(),
 ) -> list[tuple[bytes, bytes]]:
     """The client's header fields (bytes, as received) minus everything CONTRACT §6 removes,
     in one pass.
@@ -264,45 +277,53 @@ def upstream_request_fields(
     ``Connection`` too on websocket routes: aiohttp's websocket client writes its own
     handshake) and every header named in any ``Connection``; ``Host``, ``Content-Length`` and
     ``Expect`` (the Forwarder sets framing and Host per hop); ``X-Forwarded-For/-Proto/-Host``
-    (``forwarded_headers`` sets them); method overrides (``METHOD_OVERRIDE``); for an
-    untrusted peer also every ``X-Forwarded-*``, ``Forwarded`` and ``UNTRUSTED_ONLY`` header;
-    ``Authorization`` unless forwarded; names in ``also_drop`` (lower case: what the caller
-    sets itself). The gateway's cookies are removed from ``Cookie``; the other cookies are
-    merged into a single ``Cookie`` header (RFC 9113 §8.2.3), dropped when none is left.
-    On websocket routes the ``Sec-WebSocket-*`` handshake headers go as well.
-    Values are never decoded on the way: the bytes the client sent are the bytes sent on.
+    and ``X-Request-Id`` (the gateway sets them); method overrides (``METHOD_OVERRIDE``); for
+    an untrusted peer also every ``X-Forwarded-*``, ``Forwarded`` and ``UNTRUSTED_ONLY``
+    header; ``Authorization`` unless forwarded. The gateway's cookies are removed from
+    ``Cookie``; the other cookies are merged into a single ``Cookie`` header (RFC 9113
+    §8.2.3), dropped when none is left. On websocket routes the ``Sec-WebSocket-*`` handshake
+    headers go as well. Values are never decoded on the way: the bytes the client sent are the
+    bytes sent on.
     """
-    fields = fields if isinstance(fields, list | tuple) else list(fields)
-    named: set[str] = set()
-    for name, value in fields:
-        if name.lower() == b"connection":
-            tokens = (_norm(t.strip()) for t in _text(value).split(","))
-            named.update(t for t in tokens if t)
+    verdicts = policy.verdicts(
+        peer_trusted=peer_trusted, forward_authorization=forward_authorization, websocket=websocket
+    )
     kept: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
-    drops = policy.drops
-    for name, value in fields:
-        if drops(name, peer_trusted=peer_trusted, forward_authorization=forward_authorization):
-            continue
-        lower = name.lower()
-        if lower in also_drop:
-            continue
-        if named and _norm(_text(name)) in named:
-            continue
-        if websocket and _norm(_text(name)).startswith("sec-websocket-"):
-            continue
-        if lower == b"cookie":
-            filtered = _filter_cookie(_text(value))
+    named: set[str] = set()
+    for field in fields:
+        verdict = verdicts[field[0]]
+        if verdict == KEEP:
+            kept.append(field)
+        elif verdict == COOKIE:
+            filtered = _filter_cookie(_text(field[1]))
             if filtered:
                 cookies.append(_bytes(filtered))
-            continue
-        kept.append((name, value))
+        elif verdict == CONNECTION:
+            tokens = (_norm(t.strip()) for t in _text(field[1]).split(","))
+            named.update(t for t in tokens if t)
+    if named:  # rare: the names a Connection header lists go too, wherever they stood
+        kept = [field for field in kept if _norm(_text(field[0])) not in named]
+        if "cookie" in named:
+            cookies = []
     if cookies:
         kept.append((b"Cookie", b"; ".join(cookies)))
     return kept
 
 
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def _response_verdict(name: bytes) -> int:
+    lower = name.lower()
+    if lower == b"connection":
+        return CONNECTION
+    if lower in _HOP_BY_HOP_BYTES or lower.startswith(b"proxy-"):
+        return DROP
+    return KEEP
+
+
+_RESPONSE_VERDICTS: Memo[bytes, int] = Memo(_response_verdict, _MAX_VERDICTS)
 
 
 def clean_response_headers(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -315,17 +336,18 @@ def clean_response_headers(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[
     decompresses nothing), chunked otherwise; for HEAD, 204 and 304 with no body.
     Bytes in, bytes out: a value is never decoded only to be encoded again.
     """
+    verdicts = _RESPONSE_VERDICTS
     out = []
-    named: set[bytes] | None = None
-    for name, value in fields:
-        lower = name.lower()
-        if lower in _HOP_BY_HOP_BYTES or lower.startswith(b"proxy-"):
-            if lower == b"connection":
-                named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
-            continue
-        out.append((name, value))
+    named: set[bytes] = set()
+    for field in fields:
+        verdict = verdicts[field[0]]
+        if verdict == KEEP:
+            out.append(field)
+        elif verdict == CONNECTION:
+            named.update(t.strip().lower() for t in field[1].split(b","))
+    named -= _HOP_BY_HOP_BYTES  # "Connection: keep-alive", the common case, names nothing kept
     if named:
-        out = [(name, value) for name, value in out if name.lower() not in named]
+        out = [field for field in out if field[0].lower() not in named]
     return out
 
 
