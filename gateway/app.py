@@ -32,6 +32,7 @@ from gateway.errors import (
 from gateway.handlers import Handler, OwnEndpoints
 from gateway.identity import Identity
 from gateway.issuers import ExternalVerifier
+from gateway.memo import Memo
 from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
 from gateway.middleware import (
     CorsHeaders,
@@ -56,6 +57,25 @@ from gateway.tokens import KeyRing, TokenService
 log = logging.getLogger("gateway")
 
 METRICS = web.AppKey("metrics", Metrics)
+
+
+def _field_bytes(fields: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in fields]
+
+
+def _untrusted_forwarded(key: tuple[str | None, str, str | None]) -> list[tuple[bytes, bytes]]:
+    """The forwarding fields of a request from a peer that is no trusted proxy: its own
+    address, its connection's scheme and the Host it asked for (whatever it claimed)."""
+    remote, scheme, host = key
+    return _field_bytes(
+        hdr.forwarded_headers(
+            client_ip=remote if remote is not None else "unknown",
+            proto=hdr.forwarded_proto(scheme, (), peer_trusted=False),
+            host=host,
+            existing_xff=None,
+            peer_trusted=False,
+        )
+    )
 
 
 class _Peer(Protocol):
@@ -105,6 +125,7 @@ class Gateway:
         self.cors_headers = CorsHeaders(settings.cors)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
         self._rendered: dict[int, tuple[Identity, list[tuple[bytes, bytes]]]] = {}
+        self._untrusted_forwarded = Memo(_untrusted_forwarded, 4096)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
         self.metrics = metrics or Metrics()  # one registry across reloads
@@ -282,13 +303,18 @@ class Gateway:
         request_id = hdr.request_id(exchange.headers.get("X-Request-Id"))
         exchange.request_id = request_id
         exchange.extra_headers = [("X-Request-Id", request_id)]
-        exchange.extra_headers += self.cors_headers(exchange.headers.get("Origin"))
+        if self.cors_headers.enabled:
+            exchange.extra_headers += self.cors_headers(exchange.headers.get("Origin"))
         if self.draining:
             exchange.keep_alive = False  # a client reusing the connection learns it now
         exchange.route = NO_ROUTE
         started = time.perf_counter()
         try:
-            preflight = preflight_response(exchange, self.settings.cors)
+            preflight = (
+                preflight_response(exchange, self.settings.cors)
+                if exchange.method == "OPTIONS"
+                else None
+            )
             if preflight is not None:
                 exchange.route = OWN_ENDPOINT
                 await exchange.send_response(preflight)
@@ -332,7 +358,11 @@ class Gateway:
     async def _proxy(self, exchange: Exchange, match: RouteMatch, host: str | None) -> None:
         route = match.route
         token = None if route.auth == "public" else self._bearer(exchange)
-        identity = decide(route, await self.identify(token) if token is not None else None)
+        identity = None
+        if token is not None:
+            # A token seen before is answered from the cache without a coroutine.
+            identity = self.verified.get(token) or await self.identify(token)
+        identity = decide(route, identity)
         if identity is not None:
             exchange.auth = "ok"
             exchange.user_id = identity.id
@@ -389,22 +419,30 @@ class Gateway:
             if assertion:
                 token = self.tokens.issue_assertion(identity, self.origins[route.name])
                 fields.append((assertion.encode(), token.encode()))
+        if trusted:
+            fields += self._forwarded_fields(exchange, host)
+        else:
+            # Then the fields depend on the connection only (the client's claims are dropped).
+            fields += self._untrusted_forwarded[(exchange.remote, exchange.scheme, host)]
+        fields.append((b"X-Request-Id", exchange.request_id.encode()))
+        return fields
+
+    def _forwarded_fields(self, exchange: Exchange, host: str | None) -> list[tuple[bytes, bytes]]:
+        """``X-Forwarded-For``, ``-Proto`` and ``-Host`` for a trusted proxy's request."""
         chain = exchange.headers.getall("X-Forwarded-For", [])
         forwarded = hdr.forwarded_headers(
             client_ip=self.client_ip(exchange),
             proto=hdr.forwarded_proto(
                 exchange.scheme,
                 exchange.headers.getall("X-Forwarded-Proto", []),
-                peer_trusted=trusted,
+                peer_trusted=True,
             ),
             host=host,
             existing_xff=", ".join(chain) if chain else None,
-            peer_trusted=trusted,
+            peer_trusted=True,
             peer=exchange.remote,
         )
-        fields += [(n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in forwarded]
-        fields.append((b"X-Request-Id", exchange.request_id.encode()))
-        return fields
+        return _field_bytes(forwarded)
 
     def _identity_fields(self, identity: Identity) -> list[tuple[bytes, bytes]]:
         """The identity headers of a caller, rendered once per verified identity (the

@@ -101,6 +101,7 @@ class CorsHeaders:
 
     def __init__(self, cors: CorsSettings) -> None:
         self._allowed = frozenset(cors.allow_origins)
+        self.enabled = bool(self._allowed)
         self._wildcard = "*" in self._allowed
         self._credentials = cors.allow_credentials
 

@@ -238,29 +238,27 @@ class Forwarder:
             raise PayloadTooLarge(f"The request body exceeds {self.max_body_size} bytes.")
         origin, base_path = self._origin(self.pick_upstream(route))
         target = _target(base_path, upstream_path, _raw_query(exchange.target))
-        host = exchange.headers.get("Host") if route.preserve_host else None
-        upload = _Upload()
-        try:
-            if exchange.has_body:
+        host = (exchange.headers.get("Host") or None) if route.preserve_host else None
+        if exchange.has_body:
+            upload = _Upload()
+            try:
                 upstream = await self._send_with_body(
                     exchange, route, upload, origin, target, headers, host, length
                 )
-            else:
+            except Exception as exc:
+                if upload.too_large or upload.client_failed or isinstance(exc, _UPSTREAM_FAILURES):
+                    raise self._translate(exc, upload, route) from exc
+                raise
+            upload.answered = True
+        else:
+            try:
                 # Bounded without a timer of its own: the pool's connect timeout, then its
                 # read timeout from the moment the request is sent.
                 upstream = await self.pool.request(
-                    origin,
-                    exchange.method,
-                    target,
-                    headers,
-                    host=host or None,
-                    read_timeout=route.timeout,
+                    origin, exchange.method, target, headers, host=host, read_timeout=route.timeout
                 )
-        except Exception as exc:
-            if upload.too_large or upload.client_failed or isinstance(exc, _UPSTREAM_FAILURES):
-                raise self._translate(exc, upload, route) from exc
-            raise
-        upload.answered = True
+            except _UPSTREAM_FAILURES as exc:
+                raise self._translate(exc, None, route) from exc
         try:
             headers = clean_response_headers(upstream.fields)
             whole = upstream.arrived_whole()
@@ -299,10 +297,12 @@ class Forwarder:
                 read_timeout=route.timeout,
             )
 
-    def _translate(self, exc: BaseException, upload: _Upload, route: RouteSettings) -> Exception:
-        if upload.too_large:
+    def _translate(
+        self, exc: BaseException, upload: _Upload | None, route: RouteSettings
+    ) -> Exception:
+        if upload is not None and upload.too_large:
             return PayloadTooLarge(f"The request body exceeds {self.max_body_size} bytes.")
-        if upload.client_failed:
+        if upload is not None and upload.client_failed:
             return BadRequest("The request body could not be read.")
         if isinstance(exc, TimeoutError):
             log.info("upstream of route %s timed out", route.name)

@@ -164,6 +164,7 @@ class _Connection(asyncio.Protocol):
         self.in_head = True
         self.head_size = 0
         self.fed_in_head = 0
+        self.feeding = 0
         self.informational = False
         self.status = 0
         self.reason = b""
@@ -229,6 +230,7 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
+        self.feeding = len(data)
         try:
             self.parser.feed_data(data)
         except Exception as exc:  # httptools' parse errors, and ours raised in callbacks
@@ -258,13 +260,16 @@ class _Connection(asyncio.Protocol):
         self.head_size += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        headers = self.headers
-        if self.head_size > MAX_HEAD_SIZE or len(headers) >= MAX_HEADERS:
-            raise UpstreamError("the upstream's response head is too large")
-        headers.append((name, value))
+        # Sizes are checked once the head is whole: one feed holds at most a read's worth.
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        headers = self.headers
+        if len(headers) > MAX_HEADERS or (
+            self.fed_in_head + self.feeding > MAX_HEAD_SIZE  # else the head cannot be larger
+            and self.head_size + sum(len(n) + len(v) + 4 for n, v in headers) > MAX_HEAD_SIZE
+        ):
+            raise UpstreamError("the upstream's response head is too large")
         status = self.parser.get_status_code()
         if status == 101:
             raise UpstreamError("an upgrade nobody asked for")
