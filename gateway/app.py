@@ -63,17 +63,19 @@ def _field_bytes(fields: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in fields]
 
 
-def _untrusted_forwarded(key: tuple[str | None, str, str | None]) -> list[tuple[bytes, bytes]]:
+def _untrusted_forwarded(key: tuple[str | None, str, str | None]) -> bytes:
     """The forwarding fields of a request from a peer that is no trusted proxy: its own
     address, its connection's scheme and the Host it asked for (whatever it claimed)."""
     remote, scheme, host = key
-    return _field_bytes(
-        hdr.forwarded_headers(
-            client_ip=remote if remote is not None else "unknown",
-            proto=hdr.forwarded_proto(scheme, (), peer_trusted=False),
-            host=host,
-            existing_xff=None,
-            peer_trusted=False,
+    return hdr.header_block(
+        _field_bytes(
+            hdr.forwarded_headers(
+                client_ip=remote if remote is not None else "unknown",
+                proto=hdr.forwarded_proto(scheme, (), peer_trusted=False),
+                host=host,
+                existing_xff=None,
+                peer_trusted=False,
+            )
         )
     )
 
@@ -90,7 +92,6 @@ class _Peer(Protocol):
 PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
 POOL_REPORT_INTERVAL = 5.0
 STORE_START_WAIT = 5.0  # how long start waits for a database server before serving anyway
-RENDERED_IDENTITIES = 32_768  # callers whose identity headers are kept rendered
 
 
 class Gateway:
@@ -124,7 +125,6 @@ class Gateway:
         }
         self.cors_headers = CorsHeaders(settings.cors)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
-        self._rendered: dict[int, tuple[Identity, list[tuple[bytes, bytes]]]] = {}
         self._untrusted_forwarded = Memo(_untrusted_forwarded, 4096)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
@@ -374,7 +374,7 @@ class Gateway:
                     exchange.aiohttp_request(),
                     route=route,
                     upstream_path=match.upstream_path,
-                    headers=hdr.text_fields(upstream_fields),
+                    headers=hdr.lines_as_text(upstream_fields),
                 )
                 await exchange.send_response(response)
                 return
@@ -401,33 +401,37 @@ class Gateway:
 
     def _upstream_fields(
         self, exchange: Exchange, identity: Identity | None, match: RouteMatch, host: str | None
-    ) -> list[tuple[bytes, bytes]]:
-        """The upstream request's header fields: the client's, cleaned (bytes as received),
-        then identity, forwarding and request id."""
+    ) -> list[bytes]:
+        """The upstream request's header lines: the client's fields, cleaned (bytes as
+        received), then identity, forwarding and request id."""
         trusted = self.peer_trusted(exchange)
         route = match.route
-        fields = hdr.upstream_request_fields(
-            self.header_policy,
-            exchange.raw_headers,
-            peer_trusted=trusted,
-            websocket=route.websocket,
-            forward_authorization=route.forward_authorization,
+        lines = hdr.header_lines(
+            hdr.upstream_request_fields(
+                self.header_policy,
+                exchange.raw_headers,
+                peer_trusted=trusted,
+                websocket=route.websocket,
+                forward_authorization=route.forward_authorization,
+            )
         )
         if identity is not None:
-            fields += self._identity_fields(identity)
+            block = self._identity_block(identity)
+            if block:
+                lines.append(block)
             assertion = self.settings.headers.assertion
             if assertion:
                 token = self.tokens.issue_assertion(identity, self.origins[route.name])
-                fields.append((assertion.encode(), token.encode()))
+                lines.append(assertion.encode() + b": " + token.encode())
         if trusted:
-            fields += self._forwarded_fields(exchange, host)
+            lines.append(self._forwarded_block(exchange, host))
         else:
             # Then the fields depend on the connection only (the client's claims are dropped).
-            fields += self._untrusted_forwarded[(exchange.remote, exchange.scheme, host)]
-        fields.append((b"X-Request-Id", exchange.request_id.encode()))
-        return fields
+            lines.append(self._untrusted_forwarded[(exchange.remote, exchange.scheme, host)])
+        lines.append(b"X-Request-Id: " + exchange.request_id.encode())
+        return lines
 
-    def _forwarded_fields(self, exchange: Exchange, host: str | None) -> list[tuple[bytes, bytes]]:
+    def _forwarded_block(self, exchange: Exchange, host: str | None) -> bytes:
         """``X-Forwarded-For``, ``-Proto`` and ``-Host`` for a trusted proxy's request."""
         chain = exchange.headers.getall("X-Forwarded-For", [])
         forwarded = hdr.forwarded_headers(
@@ -442,20 +446,20 @@ class Gateway:
             peer_trusted=True,
             peer=exchange.remote,
         )
-        return _field_bytes(forwarded)
+        return hdr.header_block(_field_bytes(forwarded))
 
-    def _identity_fields(self, identity: Identity) -> list[tuple[bytes, bytes]]:
-        """The identity headers of a caller, rendered once per verified identity (the
-        verified-token cache hands out the same object for every request with its token)."""
-        known = self._rendered.get(id(identity))
-        if known is not None and known[0] is identity:
-            return known[1]
-        values = hdr.identity_header_values(self.settings.headers, identity)
-        fields = [(n.encode(), v.encode()) for n, v in values]  # printable ASCII: encode_value
-        if len(self._rendered) >= RENDERED_IDENTITIES:
-            self._rendered.clear()
-        self._rendered[id(identity)] = (identity, fields)  # holding it keeps its id unique
-        return fields
+    def _identity_block(self, identity: Identity) -> bytes:
+        """The identity headers of a caller as one block of head lines, rendered once per
+        verified identity (the verified-token cache hands out the same object for every
+        request with its token, and thousands of them: one bytes object each)."""
+        settings = self.settings.headers
+        rendered = identity.rendered
+        if rendered is not None and rendered[0] is settings:
+            return rendered[1]  # type: ignore[no-any-return]
+        values = hdr.identity_header_values(settings, identity)
+        block = hdr.header_block(_field_bytes(values))  # printable ASCII: encode_value
+        object.__setattr__(identity, "rendered", (settings, block))
+        return block
 
     # -- forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth) ----
 

@@ -42,6 +42,9 @@ __all__ = [
     "HeaderPolicy",
     "clean_request_headers",
     "text_fields",
+    "header_lines",
+    "header_block",
+    "lines_as_text",
     "upstream_request_fields",
     "clean_response_headers",
     "client_ip",
@@ -252,6 +255,22 @@ def clean_request_headers(
 def text_fields(fields: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     """Header fields as text, as aiohttp holds them (undecodable bytes kept as surrogates)."""
     return CIMultiDict([(_text(n), _text(v)) for n, v in fields])
+
+
+def header_lines(fields: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """Fields as the lines of a head (``b"Name: value"``), for ``serialize_head``."""
+    return [name + b": " + value for name, value in fields]
+
+
+def header_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Fields as one block of head lines (CRLF between them): one object to keep and send."""
+    return b"\r\n".join(header_lines(fields))
+
+
+def lines_as_text(lines: Iterable[bytes]) -> CIMultiDict[str]:
+    """``header_lines`` and ``header_block`` output back as text fields (``text_fields``)."""
+    fields = [line.partition(b": ") for block in lines for line in block.split(b"\r\n")]
+    return text_fields((name, value) for name, _, value in fields)
 
 
 def _bytes(text: str) -> bytes:

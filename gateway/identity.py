@@ -8,17 +8,27 @@ is missing by its configured name, never a value taken from a token.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import sys
 import types
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import ClaimMapping, RouteSettings
 from gateway.errors import InsufficientScope, InvalidInput, InvalidToken
 
-__all__ = ["Identity", "normalize_email", "authorize", "identity_from_claims", "claim_value"]
+__all__ = [
+    "Identity",
+    "TokenClaims",
+    "normalize_email",
+    "authorize",
+    "identity_from_claims",
+    "claim_value",
+]
 
 MAX_EMAIL_LENGTH = 254  # RFC 5321 §4.5.3.1.3, the longest usable forward-path
 # Unicode categories never allowed in an email: controls, format characters (zero-width,
@@ -49,6 +59,7 @@ _DEFAULT_IGNORABLE: tuple[tuple[int, int], ...] = (
     (0xE0000, 0xE0FFF),
 )
 _MISSING = object()
+_NO_SCOPES: frozenset[str] = frozenset()  # one for every identity without scopes
 
 # ASCII fast paths of the Unicode checks below (tests prove them equal on all of ASCII).
 _ASCII_VISIBLE = re.compile(r"[\x21-\x7e]+")  # no whitespace, no control character
@@ -56,7 +67,7 @@ _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_ROLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # visible, and no ","
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     id: str
     issuer: str
@@ -65,8 +76,41 @@ class Identity:
     roles: tuple[str, ...] = ()
     scopes: frozenset[str] = frozenset()
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # (``claims`` of a verified token: a ``TokenClaims``, decoded only when a route reads it.)
+    # The identity headers as a gateway rendered them, with the settings they were rendered
+    # for: set once by the gateway that first forwards this identity (it is immutable else).
+    rendered: Any = field(default=None, compare=False, repr=False)
     # When the token behind it stops passing verification (exp + leeway); None: not a token.
     valid_until: float | None = field(default=None, compare=False, repr=False)
+
+
+class TokenClaims(Mapping[str, Any]):
+    """The claims of a verified token, decoded again from its payload segment the first
+    time they are read. The verified-token cache holds thousands of identities and only
+    routes with ``claims`` rules read them: a decoded dict each would triple the memory an
+    entry takes."""
+
+    __slots__ = ("_payload", "_claims")
+
+    def __init__(self, token: str) -> None:
+        self._payload = token.split(".")[1]
+        self._claims: dict[str, Any] | None = None
+
+    def _decoded(self) -> dict[str, Any]:
+        if self._claims is None:
+            padded = self._payload + "=" * (-len(self._payload) % 4)
+            claims = json.loads(base64.urlsafe_b64decode(padded))
+            self._claims = {sys.intern(k): v for k, v in claims.items()}
+        return self._claims
+
+    def __getitem__(self, name: str) -> Any:
+        return self._decoded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
 
 
 def normalize_email(raw: str) -> tuple[str, str]:
@@ -175,12 +219,14 @@ def identity_from_claims(
     issuer: str,
     mapping: ClaimMapping | None = None,
     leeway: float | None = None,
+    token: str | None = None,
 ) -> Identity:
     """The identity in verified ``claims`` (CONTRACT §5), or ``InvalidToken("malformed_claims")``.
 
     ``mapping`` names the claims of an external issuer (dotted paths allowed); the default
     is the gateway's own (``sub``, ``email``, ``name``, ``roles``). Scopes come from
-    ``scope`` and ``scp`` (each a space-separated string or a list of strings).
+    ``scope`` and ``scp`` (each a space-separated string or a list of strings). With the
+    ``token`` they were decoded from, the identity keeps that instead (``TokenClaims``).
     """
     mapping = mapping or ClaimMapping()
     subject = claim_value(claims, mapping.id, _MISSING)
@@ -193,7 +239,8 @@ def identity_from_claims(
         name=_name_claim(claim_value(claims, mapping.name, _MISSING)),
         roles=_roles_claim(claim_value(claims, mapping.roles, _MISSING)),
         scopes=_scopes(claims),
-        claims=types.MappingProxyType(dict(claims)),
+        # The verified token's own claims, or a read-only copy of ``claims``.
+        claims=TokenClaims(token) if token is not None else types.MappingProxyType(dict(claims)),
         valid_until=_valid_until(claims.get("exp"), leeway),
     )
 
@@ -265,4 +312,4 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
         if not all(isinstance(s, str) and not _has_control(s) for s in value):
             raise InvalidToken("malformed_claims")
         scopes.extend(s for s in value if s)
-    return frozenset(scopes)
+    return frozenset(scopes) if scopes else _NO_SCOPES

@@ -459,7 +459,11 @@ class ExternalVerifier:
         self._check_times(claims, keys.settings)
         settings = keys.settings
         return identity_from_claims(
-            claims, issuer=settings.issuer, mapping=settings.claims, leeway=self._leeway(settings)
+            claims,
+            issuer=settings.issuer,
+            mapping=settings.claims,
+            leeway=self._leeway(settings),
+            token=token,
         )
 
     def _decode(

@@ -225,11 +225,12 @@ class Forwarder:
         *,
         route: RouteSettings,
         upstream_path: str,
-        headers: list[tuple[bytes, bytes]] | CIMultiDict[str],
+        headers: list[bytes] | CIMultiDict[str],
     ) -> None:
         """Send ``exchange``'s request to the route's next upstream and stream its answer back.
 
-        ``headers`` are the final upstream headers (cleaned, identity, forwarded, request id).
+        ``headers`` are the final upstream headers (cleaned, identity, forwarded, request id):
+        the gateway's head lines (``serialize_head``), or text.
         Raises ``PayloadTooLarge`` (413), ``BadGateway`` (502) or ``GatewayTimeout`` (504)
         while no response has been started; after that, failures cut the connection.
         """
@@ -260,14 +261,14 @@ class Forwarder:
             except _UPSTREAM_FAILURES as exc:
                 raise self._translate(exc, None, route) from exc
         try:
-            headers = clean_response_headers(upstream.fields)
+            fields = clean_response_headers(upstream.fields)
             whole = upstream.arrived_whole()
             if whole is not None:
                 # The whole answer is already here: head and body go out in one write.
                 # Nothing waited for it, so this is still streaming, not buffering.
-                exchange.send_head(upstream.status, upstream.reason, headers, whole=whole)
+                exchange.send_head(upstream.status, upstream.reason, fields, whole=whole)
             else:
-                exchange.send_head(upstream.status, upstream.reason, headers)
+                exchange.send_head(upstream.status, upstream.reason, fields)
                 await self._relay_body(exchange, upstream)
         finally:
             upstream.release()
@@ -279,7 +280,7 @@ class Forwarder:
         upload: _Upload,
         origin: Origin,
         target: str,
-        headers: list[tuple[bytes, bytes]] | CIMultiDict[str],
+        headers: list[bytes] | CIMultiDict[str],
         host: str | None,
         length: int | None,
     ) -> UpstreamResponse:

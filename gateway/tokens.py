@@ -448,7 +448,9 @@ class TokenService:
             raise InvalidToken("signature")  # the malleable twin of a token we issued low-S
         claims = self._decode(token, key)
         self._check_times(claims)
-        return identity_from_claims(claims, issuer=self._settings.issuer, leeway=self._leeway)
+        return identity_from_claims(
+            claims, issuer=self._settings.issuer, leeway=self._leeway, token=token
+        )
 
     def _key_for(self, header: dict[str, Any]) -> Any:
         """Check the header and pick our key by exact ``kid``."""

@@ -98,16 +98,17 @@ def serialize_head(
     """The request line and headers. ``Host`` comes first; the body's actual framing
     (``Content-Length`` or ``Transfer-Encoding``) last.
 
-    ``headers``: either a list of ``(name, value)`` byte pairs, the gateway's own path, which
-    holds no ``Host`` or framing field and whose every byte is already vetted (the client's as
-    llhttp parsed them: no control character passes it; the gateway's own values printable
-    ASCII by construction), sent as they are; or any ``items()`` mapping of text, whose
-    ``Host`` and framing fields are replaced and which is checked for control characters."""
+    ``headers``: either a list of header lines (``b"Name: value"``, or several such lines
+    joined by CRLF), the gateway's own path, which holds no ``Host`` or framing field and
+    whose every byte is already vetted (the client's as llhttp parsed them: no control
+    character passes it; the gateway's own values printable ASCII by construction), sent as
+    they are; or any ``items()`` mapping of text, whose ``Host`` and framing fields are
+    replaced and which is checked for control characters."""
     encode = _encode
     lines = [encode(f"{method} {target} HTTP/1.1"), b"Host: " + encode(host)]
     if isinstance(headers, list):
         _refuse_control_characters(lines)
-        lines += [n + b": " + v for n, v in headers]
+        lines += headers
     else:
         lines += [encode(f"{n}: {v}") for n, v in headers.items() if n.lower() not in _OWN_HEADERS]
         _refuse_control_characters(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import unicodedata
 from typing import Any
 
@@ -12,6 +14,7 @@ from gateway.config import ClaimMapping, RouteSettings
 from gateway.errors import InsufficientScope, InvalidInput, InvalidToken
 from gateway.identity import (
     Identity,
+    TokenClaims,
     authorize,
     claim_value,
     identity_from_claims,
@@ -392,3 +395,14 @@ def test_ascii_fast_paths_agree_with_the_unicode_checks(code: int) -> None:
             and not any(unicodedata.category(c) in ("Cc", "Cs", "Cf") for c in text)
         )
         assert identity._valid_role(text) == slow_role, repr(text)
+
+
+def test_a_tokens_claims_are_read_from_its_payload_when_asked() -> None:
+    payload = base64.urlsafe_b64encode(json.dumps(TOKEN_CLAIMS).encode()).rstrip(b"=").decode()
+    claims = TokenClaims(f"e30.{payload}.sig")
+    assert dict(claims) == TOKEN_CLAIMS and len(claims) == len(TOKEN_CLAIMS)
+    assert claim_value(claims, "org.tier.name", None) == "gold"
+    identity = identity_from_claims(
+        {**TOKEN_CLAIMS, "sub": "u1"}, issuer="i", token=f"e30.{payload}.x"
+    )
+    authorize(guarded(claims=(("tenant", "acme"),)), identity)  # read from the token's payload

@@ -101,3 +101,21 @@ async def test_a_successful_key_fetch_empties_the_cache(gateway: tuple[Gateway, 
     assert len(gw.verified) == 1  # a failed fetch changes no key
     gw._keys_fetched("okta", "unknown_kid", "ok", 0.1, 2)
     assert len(gw.verified) == 0
+
+
+def test_tokens_that_could_not_have_verified_are_never_kept_or_found() -> None:
+    clock = Clock()
+    cache = VerifiedTokens(clock)
+    cache.put("t\udcff", who(clock.now + 10))  # a client's undecodable bytes, as text
+    cache.put("é", who(clock.now + 10))
+    assert len(cache) == 0
+    assert cache.get("t\udcff") is None and cache.get("é") is None
+
+
+def test_tokens_one_character_apart_are_different_entries() -> None:
+    clock = Clock()
+    cache = VerifiedTokens(clock)
+    cache.put("a.b.c", who(clock.now + 10, "one"))
+    cache.put("a.b.d", who(clock.now + 10, "two"))
+    assert cache.get("a.b.c") == who(0, "one") and cache.get("a.b.d") == who(0, "two")
+    assert cache.get("a.b.e") is None
