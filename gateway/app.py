@@ -50,7 +50,7 @@ from gateway.routing import (
     request_target,
     valid_host,
 )
-from gateway.server import EDGE_HANDLER, Exchange
+from gateway.server import CLIENT_CLOSED_REQUEST, EDGE_HANDLER, ClientGone, Exchange
 from gateway.tokencache import VerifiedTokens
 from gateway.tokens import KeyRing, TokenService
 
@@ -329,6 +329,10 @@ class Gateway:
             match = self.routes.match(exchange.method, target.host, path)
             exchange.route = match.route.name
             await self._proxy(exchange, match, target.host)
+        except ClientGone:
+            if not exchange.started:
+                exchange.status = CLIENT_CLOSED_REQUEST
+            exchange.abort()  # nobody to answer: no problem to send, no error to log
         except Exception as exc:
             self._refuse(exchange, problem_for(exc, f"{exchange.method} {exchange.target[:200]}"))
         finally:

@@ -206,6 +206,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
+        # Transport and parser both refer back to this connection: cycles that only a full
+        # garbage collection would free, and a pool may drop hundreds at once.
+        self.transport = None
+        del self.parser
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(_Closed("the upstream closed the connection"))
         if not self.busy or self.complete:

@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from tests.blackbox.conftest import (
     launch_gateway,
     stop_process,
 )
+from tests.blackbox.test_access_log import access_lines
 from tests.blackbox.upstreams import Upstream, start_upstream
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -536,3 +539,20 @@ async def test_login_rate_limit_keys_on_the_client_behind_a_trusted_proxy(
     assert failures == [401, 401]
     assert locked == 429
     assert (other_failure, other) == (401, 200)
+
+
+async def test_a_client_gone_before_the_answer_is_logged_499_not_as_an_error(gw: Gateway) -> None:
+    url = yarl.URL(gw.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(request_head("GET", "/slow/x/slow?sleep=0.4", "X-Request-Id: trace-gone"))
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    # Gone before the upstream answers (a reset: a mere FIN may be a half-close that still
+    # waits for the answer).
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    await writer.wait_closed()
+    [line] = access_lines(gw, "trace-gone")
+    assert line["status"] == 499 and line["route"] == "slow"
+    assert "unhandled error" not in gw.log()
