@@ -25,6 +25,7 @@ from gateway import accesslog
 from gateway.app import LIVE, METRICS, LiveGateway, create_admin_app, create_app
 from gateway.config import ServerSettings, Settings
 from gateway.errors import ConfigError
+from gateway.listener import BatchAcceptSite
 from gateway.server import GatewayRunner
 
 __all__ = ["serve"]
@@ -105,7 +106,7 @@ async def _listen(
     )
     runners = [public]
     await public.setup()
-    site = web.TCPSite(public, server.host, server.port, backlog=1024, reuse_port=worker or None)
+    site = BatchAcceptSite(public, server.host, server.port, backlog=1024, reuse_port=worker)
     await site.start()
     if server.admin is not None and not worker:
         admin = GatewayRunner(create_admin_app(app[METRICS]))

@@ -52,6 +52,13 @@ def _lower_priority() -> None:
         set_priority(os.PRIO_PROCESS, get_id(), BCRYPT_NICENESS)
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: ``os.cpu_count()`` counts those it may not (a
+    container's cpuset, a worker pinned with taskset)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 def check_policy(password: object, min_length: int) -> str:
     """Return the password if acceptable, else raise ``InvalidInput`` saying why
     (not a string, shorter than ``min_length`` characters, over 72 UTF-8 bytes, NUL)."""
@@ -103,7 +110,7 @@ class PasswordHasher:
         if not MIN_ROUNDS <= rounds <= MAX_ROUNDS:
             raise ValueError(f"bcrypt rounds must be between {MIN_ROUNDS} and {MAX_ROUNDS}")
         self.rounds = rounds
-        workers = max_workers or max(2, os.cpu_count() or 1)
+        workers = max_workers or max(2, _usable_cpus())
         self._executor = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="bcrypt", initializer=_lower_priority
         )
