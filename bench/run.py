@@ -132,8 +132,14 @@ SCENARIOS = {
             gateway_only=True,
             about="GET with one token, alone and beside a bcrypt login storm",
         ),
+        Scenario(
+            "soak",
+            gateway_only=True,
+            about="GET with one token, laps until --soak-requests; RSS after each lap",
+        ),
     )
 }
+DEFAULT_SCENARIOS = [name for name in SCENARIOS if name != "soak"]  # soak: minutes per target
 
 
 @dataclass
@@ -169,6 +175,7 @@ class Options:
     tokens: int
     out: Path
     keep: bool
+    soak_requests: int = 1_000_000
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -886,6 +893,9 @@ class Bench:
                 if scenario.name == "login-storm":
                     self.run_storm(scenario, running)
                     continue
+                if scenario.name == "soak":
+                    self.run_soak(scenario, running)
+                    continue
                 load = self.load(scenario)
                 self.check_scenario(scenario, running, load)
                 measurement = self.measure(scenario, running, load)
@@ -894,6 +904,28 @@ class Bench:
                     laps = measurement.requests / self.opts.tokens
                     measurement.note = f"{laps:.1f} laps over the {self.opts.tokens} tokens"
                 self.results.append(measurement)
+
+    def run_soak(self, scenario: Scenario, running: Running) -> None:
+        """Laps of one-token load until ``--soak-requests`` are served: is the memory flat?
+        The first lap warms up (caches, pools, allocator arenas); the spread is of the rest."""
+        load = self.load(scenario)
+        self.check_scenario(scenario, running, load)
+        served, laps, rss = 0, [], []
+        deadline = time.monotonic() + 3600  # bounded whatever the machine's speed
+        while served < self.opts.soak_requests and time.monotonic() < deadline:
+            lap = self.measure(scenario, running, load, settle=False)
+            served += lap.requests
+            laps.append(lap)
+            rss.append(max(lap.rss_mb_per_worker))
+        summary = laps[-1]
+        summary.requests = served
+        after_warmup = rss[1:] or rss
+        summary.note = (
+            f"{served:,} requests in {len(laps)} laps; RSS MB after each: "
+            + " ".join(f"{r:.0f}" for r in rss)
+            + f"; spread after the first lap {max(after_warmup) - min(after_warmup):.1f} MB"
+        )
+        self.results.append(summary)
 
     def run_storm(self, scenario: Scenario, running: Running) -> None:
         """Proxied load alone, then the same load while wrk logs in as fast as the gateway
@@ -1132,7 +1164,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--duration", type=parse_seconds, help="per measurement (default 10s)")
     parser.add_argument("--warmup", type=parse_seconds, help="before each (default 2s)")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--scenarios", type=parse_names(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--scenarios", type=parse_names(SCENARIOS), default=DEFAULT_SCENARIOS)
+    parser.add_argument(
+        "--soak-requests", type=int, default=1_000_000, help="for soak: requests in all"
+    )
     parser.add_argument("--targets", type=parse_names(TARGETS), default=list(TARGETS))
     parser.add_argument("--tokens", type=int, default=10_000, help="for tokens-10k")
     parser.add_argument("--out", type=Path, help="results JSON (default /tmp/...)")
@@ -1153,6 +1188,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.tokens,
         out,
         args.keep,
+        args.soak_requests,
     )
 
 
