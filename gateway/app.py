@@ -8,6 +8,7 @@ sends upstream exactly the path the policy was evaluated on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +31,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.handlers import Handler, OwnEndpoints
-from gateway.identity import Identity
+from gateway.identity import NO_CLAIMS, Identity
 from gateway.issuers import ExternalVerifier
 from gateway.memo import Memo
 from gateway.metrics import NO_ROUTE, OWN_ENDPOINT, Metrics
@@ -130,6 +131,7 @@ class Gateway:
         self._issuer_session: aiohttp.ClientSession | None = None
         self.metrics = metrics or Metrics()  # one registry across reloads
         self.verified = VerifiedTokens(clock)  # per gateway: a reload (new keys) starts empty
+        self._routes_read_claims = any(route.claims for route in settings.routes)
         self.external = ExternalVerifier(
             settings.issuers,
             self._jwks_session,
@@ -274,6 +276,9 @@ class Gateway:
             identity = await self.external.verify(token)
         else:
             identity = self.tokens.verify(token)
+        if not self._routes_read_claims:
+            # Nothing will read them: a cached caller need not keep its token's payload.
+            identity = dataclasses.replace(identity, claims=NO_CLAIMS)
         self.verified.put(token, identity)
         return identity
 

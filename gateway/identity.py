@@ -22,6 +22,7 @@ from gateway.config import ClaimMapping, RouteSettings
 from gateway.errors import InsufficientScope, InvalidInput, InvalidToken
 
 __all__ = [
+    "NO_CLAIMS",
     "Identity",
     "TokenClaims",
     "normalize_email",
@@ -60,6 +61,7 @@ _DEFAULT_IGNORABLE: tuple[tuple[int, int], ...] = (
 )
 _MISSING = object()
 _NO_SCOPES: frozenset[str] = frozenset()  # one for every identity without scopes
+NO_CLAIMS: Mapping[str, Any] = types.MappingProxyType({})
 
 # ASCII fast paths of the Unicode checks below (tests prove them equal on all of ASCII).
 _ASCII_VISIBLE = re.compile(r"[\x21-\x7e]+")  # no whitespace, no control character
@@ -284,7 +286,7 @@ def _roles_claim(value: Any) -> tuple[str, ...]:
         value = [part for part in value.split(" ") if part]
     if not isinstance(value, list) or not all(isinstance(r, str) and _valid_role(r) for r in value):
         raise InvalidToken("malformed_claims")
-    return tuple(dict.fromkeys(value))
+    return tuple(sys.intern(role) for role in dict.fromkeys(value))  # a handful, shared
 
 
 def _valid_role(role: str) -> bool:

@@ -573,6 +573,45 @@ class GatewayProtocol(BaseProtocol):
 
     Deadlines are timestamps checked by one lazily rescheduled timer."""
 
+    # Thousands of them under load: slots, not a dict each.
+    __slots__ = (
+        "server",
+        "loop",
+        "_limits",
+        "_http",
+        "remote",
+        "peername",
+        "sockname",
+        "ssl_context",
+        "_timeout_ceil_threshold",
+        "max_field_size",
+        "max_headers",
+        "_in_head",
+        "_head_bytes",
+        "_url",
+        "_fields",
+        "_incoming",
+        "_parsed",
+        "_serving",
+        "_waiting",
+        "_task",
+        "_next",
+        "closing",
+        "_dropping",
+        "_refusal",
+        "_upgraded_tail",
+        "_ws_parser",
+        "_ws_callback",
+        "_watch",
+        "_head_started",
+        "_idle_since",
+        "_linger_until",
+        "_body_started",
+        "_body_bytes",
+        "_last_read",
+        "_paused_at",
+    )
+
     def __init__(self, server: GatewayServer) -> None:
         super().__init__(server.loop)
         self.server = server
