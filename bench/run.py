@@ -351,6 +351,17 @@ def wait_idle(pids: Sequence[int], limit: float = 15.0, interval: float = 0.2) -
     return time.monotonic() - started
 
 
+def rss_peaks_while(proc: subprocess.Popen[str], pids: list[int], limit: float) -> list[float]:
+    """The highest RSS of each of ``pids`` seen while ``proc`` (the load) runs: the memory
+    *at* the load, not what is left after it."""
+    peaks = [0.0] * len(pids)
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and time.monotonic() < deadline:
+        peaks = [max(peak, rss_mb(pid)) for peak, pid in zip(peaks, pids)]
+        time.sleep(0.2)
+    return peaks
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -861,8 +872,11 @@ class Bench:
         run_wrk(running.url, load, self.opts.warmup, self.lab.load_cpu)
         wait_idle(everything)
         pids = process_tree(running.process.proc.pid)
+        workers = worker_pids(running.process.proc.pid)
         cpu_before = cpu_seconds(pids)
-        result = run_wrk(running.url, load, self.opts.duration, self.lab.load_cpu)
+        wrk = start_wrk(running.url, load, self.opts.duration, self.lab.load_cpu)
+        peak_rss = rss_peaks_while(wrk, workers, self.opts.duration + 30)
+        result = finish_wrk(wrk, self.opts.duration)
         cpu_after = cpu_seconds(pids)
         requests = int(result["requests"])
         seconds = result["duration_us"] / 1e6
@@ -879,7 +893,7 @@ class Bench:
             p99_ms=round(result["p99_us"] / 1000, 2),
             max_ms=round(result["max_us"] / 1000, 2),
             cpu_us_per_request=round(cpu, 1) if cpu is not None else None,
-            rss_mb_per_worker=[rss_mb(p) for p in worker_pids(running.process.proc.pid)],
+            rss_mb_per_worker=[max(peak, rss_mb(p)) for p, peak in zip(workers, peak_rss)],
             errors=wrk_errors(result),
         )
 
