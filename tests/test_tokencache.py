@@ -9,7 +9,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import AccountSettings, DatabaseSettings, RouteSettings, Settings, TokenSettings
 from gateway.errors import InvalidToken
-from gateway.identity import Identity
+from gateway.identity import Identity, authorize
 from gateway.tokencache import VerifiedTokens
 
 
@@ -119,3 +119,25 @@ def test_tokens_one_character_apart_are_different_entries() -> None:
     cache.put("a.b.d", who(clock.now + 10, "two"))
     assert cache.get("a.b.c") == who(0, "one") and cache.get("a.b.d") == who(0, "two")
     assert cache.get("a.b.e") is None
+
+
+@pytest.mark.parametrize("rules", [(), (("sub", "u1"),)])
+async def test_a_cached_caller_keeps_its_claims_only_when_a_route_reads_them(
+    tmp_path: Path, rules: tuple[tuple[str, object], ...]
+) -> None:
+    guarded = RouteSettings(
+        name="api", path="/api", upstreams=("http://127.0.0.1:9",), claims=rules
+    )
+    settings = Settings(
+        routes=(guarded,),
+        database=DatabaseSettings(url=f"sqlite:///{tmp_path}/gw.db"),
+        tokens=TokenSettings(keys_dir=tmp_path / "keys", access_ttl=60),
+        accounts=AccountSettings(bcrypt_rounds=4),
+    )
+    gw = Gateway(settings)
+    token, _ = gw.tokens.issue_access_token(user_id="u1", email=None, name=None, roles=())
+    await gw.identify(token)
+    cached = await gw.identify(token)  # from the cache
+    assert dict(cached.claims).get("sub") == ("u1" if rules else None)
+    if rules:
+        authorize(guarded, cached)  # the route's rule reads the cached caller's claims
