@@ -71,7 +71,7 @@ def _untrusted_forwarded(key: tuple[str | None, str, str | None]) -> bytes:
     return hdr.header_block(
         _field_bytes(
             hdr.forwarded_headers(
-                client_ip=remote if remote is not None else "unknown",
+                client_ip=hdr.client_ip(remote, (), ()),  # the peer itself, whatever it claims
                 proto=hdr.forwarded_proto(scheme, (), peer_trusted=False),
                 host=host,
                 existing_xff=None,
@@ -126,7 +126,7 @@ class Gateway:
         }
         self.cors_headers = CorsHeaders(settings.cors)
         self.header_policy = hdr.HeaderPolicy(settings.headers, settings.server.trusted_proxies)
-        self._untrusted_forwarded = Memo(_untrusted_forwarded, 4096)
+        self._untrusted_forwarded = Memo(_untrusted_forwarded)
         self.forwarder = Forwarder(max_body_size=settings.server.max_body_size)
         self._issuer_session: aiohttp.ClientSession | None = None
         self.metrics = metrics or Metrics()  # one registry across reloads
@@ -315,11 +315,7 @@ class Gateway:
         exchange.route = NO_ROUTE
         started = time.perf_counter()
         try:
-            preflight = (
-                preflight_response(exchange, self.settings.cors)
-                if exchange.method == "OPTIONS"
-                else None
-            )
+            preflight = preflight_response(exchange, self.settings.cors)
             if preflight is not None:
                 exchange.route = OWN_ENDPOINT
                 await exchange.send_response(preflight)

@@ -132,7 +132,6 @@ OWNED_BY_FORWARDER = frozenset({"host", "content-length", "expect"})
 GATEWAY_COOKIES = frozenset({"gateway_session", "gateway_refresh"})
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_MAX_VERDICTS = 4096
 
 
 def _norm(name: str) -> str:
@@ -162,7 +161,7 @@ class HeaderPolicy:
         key = (peer_trusted, forward_authorization, websocket)
         table = self._verdicts.get(key)
         if table is None:
-            table = self._verdicts[key] = Memo(_request_verdict(self, *key), _MAX_VERDICTS)
+            table = self._verdicts[key] = Memo(_request_verdict(self, *key))
         return table
 
     def is_identity(self, name: str) -> bool:
@@ -342,7 +341,7 @@ def _response_verdict(name: bytes) -> int:
     return KEEP
 
 
-_RESPONSE_VERDICTS: Memo[bytes, int] = Memo(_response_verdict, _MAX_VERDICTS)
+_RESPONSE_VERDICTS: Memo[bytes, int] = Memo(_response_verdict)
 
 
 def clean_response_headers(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -13,6 +13,10 @@ from typing import TypeVar
 
 __all__ = ["Memo"]
 
+# Entries kept before a memo starts again: far more header names, Host values or peers than a
+# gateway sees in normal traffic, far less memory than a client inventing them could cost.
+DEFAULT_BOUND = 4096
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -21,7 +25,7 @@ class Memo(dict[K, V]):
     """``memo[key]`` is ``compute(key)``, computed on first sight and kept (a hit is a plain
     dict lookup, in C)."""
 
-    def __init__(self, compute: Callable[[K], V], bound: int) -> None:
+    def __init__(self, compute: Callable[[K], V], bound: int = DEFAULT_BOUND) -> None:
         super().__init__()
         self._compute = compute
         self._bound = bound

@@ -237,7 +237,7 @@ def _field_kind(name: bytes) -> tuple[bytes, int]:
     return lower, {b"date": _DATE, b"content-length": _LENGTH}.get(lower, _PLAIN)
 
 
-_FIELD_KINDS: Memo[bytes, tuple[bytes, int]] = Memo(_field_kind, 4096)
+_FIELD_KINDS: Memo[bytes, tuple[bytes, int]] = Memo(_field_kind)
 _REQUEST_ID_ONLY = frozenset({b"x-request-id"})  # what the gateway's own headers usually replace
 
 _date: tuple[int, bytes] = (0, b"")
