@@ -19,6 +19,7 @@ import yarl
 
 from gateway.config import RouteSettings
 from gateway.errors import BadRequest, InvalidPath, MethodNotAllowed, NotFound
+from gateway.memo import Memo
 from gateway.paths import canonical_path
 
 __all__ = [
@@ -44,15 +45,7 @@ class RouteMatch:
 
 def normalize_host(host: str | None) -> str | None:
     """Host as routes compare it: lower-case, without port and one trailing dot."""
-    if not host:
-        return None
-    known = _normalized.get(host)
-    if known is not None:
-        return known
-    normal = _normalize_host(host)
-    if normal is not None:
-        _remember(_normalized, host, normal)
-    return normal
+    return _normalized[host] if host else None
 
 
 def _normalize_host(host: str) -> str | None:
@@ -86,27 +79,7 @@ def valid_host(value: str | None) -> str | None:
     ``[IPv6][:port]`` (RFC 9112 §3.2: a Host with an invalid value is a 400): ``a@b``,
     ``a b``, ``a,b``, ``a..b``, ``x%2eexample``, ``h:99999``, ``h:1:2``, non-ASCII.
     """
-    if value is None:
-        return None
-    if value in _valid_hosts:
-        return _valid_hosts[value]
-    checked = _check_host(value)
-    if checked is not None:
-        _remember(_valid_hosts, value, checked)
-    return checked
-
-
-# A gateway sees a handful of Host values, again and again: each is checked once. Only
-# valid ones are kept, and a client sending new ones cannot grow the memo past its bound.
-_MEMO_SIZE = 1024
-_valid_hosts: dict[str, str] = {}
-_normalized: dict[str, str] = {}
-
-
-def _remember(memo: dict[str, str], key: str, value: str) -> None:
-    if len(memo) >= _MEMO_SIZE:
-        memo.clear()
-    memo[key] = value
+    return None if value is None else _valid_hosts[value]
 
 
 def _check_host(value: str) -> str | None:
@@ -122,6 +95,13 @@ def _check_host(value: str) -> str | None:
         except ValueError:
             raise BadRequest("The Host header is not valid.") from None
     return value
+
+
+# A gateway sees a handful of Host values, again and again: each is checked once (a refused
+# one raises, so it is never kept), and a client sending new ones cannot grow a memo past
+# its bound.
+_valid_hosts: Memo[str, str | None] = Memo(_check_host, 1024)
+_normalized: Memo[str, str | None] = Memo(_normalize_host, 1024)
 
 
 @dataclass(frozen=True)
