@@ -673,6 +673,10 @@ class GatewayProtocol(BaseProtocol):
         self._head_started = now
         self._last_read = now
         self._arm(now + self._limits.header_timeout)
+        if self.server.shutting_down:
+            # Accepted as the listener closed, made after the idle ones were told to close:
+            # it is idle too.
+            self.close_when_idle()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -1153,6 +1157,7 @@ class GatewayServer:
         self._access_log = access_log
         self.loop = loop or asyncio.get_running_loop()
         self.connections: set[GatewayProtocol] = set()
+        self.shutting_down = False
 
     @property
     def open_connections(self) -> int:
@@ -1180,6 +1185,7 @@ class GatewayServer:
     # what aiohttp's runners call
 
     def pre_shutdown(self) -> None:
+        self.shutting_down = True
         for protocol in list(self.connections):
             protocol.close_when_idle()
 

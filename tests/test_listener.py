@@ -97,3 +97,24 @@ async def test_an_address_in_use_fails_the_start() -> None:
     finally:
         taken.close()
         await runner.cleanup()
+
+
+async def test_a_connection_made_after_shutdown_began_is_closed_at_once() -> None:
+    # The listener hands accepted sockets over a turn later: one accepted as it closed may
+    # only be made after the open connections were told to close when idle.
+    app = web.Application()
+    app[EDGE_HANDLER] = ok
+    runner = GatewayRunner(app)
+    await runner.setup()
+    site = BatchAcceptSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    server = runner.server
+    assert server is not None
+    try:
+        server.pre_shutdown()  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, never served
+        writer.close()
+    finally:
+        await runner.cleanup()
