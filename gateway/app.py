@@ -16,7 +16,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 from yarl import URL
 
 from gateway import headers as hdr
@@ -87,7 +87,7 @@ class _Peer(Protocol):
     @property
     def remote(self) -> str | None: ...
     @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
+    def headers(self) -> MultiMapping[str]: ...
 
 
 PRUNE_INTERVAL = 600  # seconds between housekeeping rounds
@@ -367,6 +367,7 @@ class Gateway:
         if token is not None:
             # A token seen before is answered from the cache without a coroutine.
             identity = self.verified.get(token) or await self.identify(token)
+            token = None  # not held (most of a kilobyte) while the upstream answers
         identity = decide(route, identity)
         if identity is not None:
             exchange.auth = "ok"

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from gateway.config import CorsSettings
 from gateway.errors import (
@@ -122,7 +122,7 @@ class _Head(Protocol):
     @property
     def method(self) -> str: ...
     @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
+    def headers(self) -> MultiMapping[str]: ...
 
 
 def preflight_response(request: _Head, cors: CorsSettings) -> web.Response | None:

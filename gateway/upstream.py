@@ -599,13 +599,9 @@ class UpstreamPool:
         chunk (``b""`` at the end); its exceptions end the exchange and are raised here (or
         from the response's ``read`` once the head was already relayed).
         """
-        head = serialize_head(
-            method,
-            target,
-            host or origin.host_header,
-            headers,
-            has_body=body is not None,
-            length=length,
+        host = host or origin.host_header
+        head: bytes | None = serialize_head(
+            method, target, host, headers, has_body=body is not None, length=length
         )
         conn = self._take_idle(origin)
         # An idle connection may have been closed by the upstream as we took it: a request
@@ -615,7 +611,13 @@ class UpstreamPool:
         if conn is None:
             conn = await self._connect(origin)
         while True:
+            if head is None:  # a retry: serialized again rather than kept while waiting (a
+                # thousand requests waiting for their upstreams held a thousand copies)
+                head = serialize_head(
+                    method, target, host, headers, has_body=body is not None, length=length
+                )
             waiter = self._send(conn, head, method, body, length, read_timeout)
+            head = None
             try:
                 await waiter
                 return UpstreamResponse(conn, read_timeout)
