@@ -54,6 +54,7 @@ from gateway.routing import (
 from gateway.server import CLIENT_CLOSED_REQUEST, EDGE_HANDLER, ClientGone, Exchange
 from gateway.tokencache import VerifiedTokens
 from gateway.tokens import KeyRing, TokenService
+from gateway.upstream import HeadItem, head_lines
 
 log = logging.getLogger("gateway")
 
@@ -380,7 +381,7 @@ class Gateway:
                     exchange.aiohttp_request(),
                     route=route,
                     upstream_path=match.upstream_path,
-                    headers=hdr.lines_as_text(upstream_fields),
+                    headers=hdr.lines_as_text(head_lines(upstream_fields)),
                 )
                 await exchange.send_response(response)
                 return
@@ -407,19 +408,18 @@ class Gateway:
 
     def _upstream_fields(
         self, exchange: Exchange, identity: Identity | None, match: RouteMatch, host: str | None
-    ) -> list[bytes]:
-        """The upstream request's header lines: the client's fields, cleaned (bytes as
-        received), then identity, forwarding and request id."""
+    ) -> list[HeadItem]:
+        """The upstream request's header fields: the client's, cleaned (the very bytes
+        received, not copied again while the upstream answers), then identity, forwarding
+        and request id as blocks of lines."""
         trusted = self.peer_trusted(exchange)
         route = match.route
-        lines = hdr.header_lines(
-            hdr.upstream_request_fields(
-                self.header_policy,
-                exchange.raw_headers,
-                peer_trusted=trusted,
-                websocket=route.websocket,
-                forward_authorization=route.forward_authorization,
-            )
+        lines: list[HeadItem] = hdr.upstream_request_fields(  # type: ignore[assignment]
+            self.header_policy,
+            exchange.raw_headers,
+            peer_trusted=trusted,
+            websocket=route.websocket,
+            forward_authorization=route.forward_authorization,
         )
         if identity is not None:
             block = self._identity_block(identity)

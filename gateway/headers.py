@@ -267,9 +267,9 @@ def header_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 def lines_as_text(lines: Iterable[bytes]) -> CIMultiDict[str]:
-    """``header_lines`` and ``header_block`` output back as text fields (``text_fields``)."""
-    fields = [line.partition(b": ") for block in lines for line in block.split(b"\r\n")]
-    return text_fields((name, value) for name, _, value in fields)
+    """Head lines and blocks of lines (``header_block``) back as text fields."""
+    split = [line.partition(b": ") for block in lines for line in block.split(b"\r\n")]
+    return text_fields((name, value) for name, _, value in split)
 
 
 def _bytes(text: str) -> bytes:

@@ -41,7 +41,14 @@ from gateway.errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLar
 from gateway.headers import clean_response_headers
 from gateway.routing import upstream_url
 from gateway.server import Exchange
-from gateway.upstream import BodyReader, Origin, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import (
+    BodyReader,
+    HeadItem,
+    Origin,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 __all__ = ["Forwarder", "is_websocket_upgrade"]
 
@@ -225,7 +232,7 @@ class Forwarder:
         *,
         route: RouteSettings,
         upstream_path: str,
-        headers: list[bytes] | CIMultiDict[str],
+        headers: list[HeadItem] | CIMultiDict[str],
     ) -> None:
         """Send ``exchange``'s request to the route's next upstream and stream its answer back.
 
@@ -280,7 +287,7 @@ class Forwarder:
         upload: _Upload,
         origin: Origin,
         target: str,
-        headers: list[bytes] | CIMultiDict[str],
+        headers: list[HeadItem] | CIMultiDict[str],
         host: str | None,
         length: int | None,
     ) -> UpstreamResponse:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -85,6 +85,16 @@ class Origin:
         return cls(parsed.scheme, parsed.raw_host, parsed.port, host_header)
 
 
+# What the gateway's upstream heads are made of: a client's field as received (a request in
+# flight keeps its fields once, not again as lines), or a block of the gateway's own lines.
+HeadItem = tuple[bytes, bytes] | bytes
+
+
+def head_lines(items: Iterable[HeadItem]) -> list[bytes]:
+    """``items`` as lines and blocks of lines, to be joined by CRLF."""
+    return [item if isinstance(item, bytes) else item[0] + b": " + item[1] for item in items]
+
+
 def serialize_head(
     method: str,
     target: str,
@@ -97,17 +107,17 @@ def serialize_head(
     """The request line and headers. ``Host`` comes first; the body's actual framing
     (``Content-Length`` or ``Transfer-Encoding``) last.
 
-    ``headers``: either a list of header lines (``b"Name: value"``, or several such lines
-    joined by CRLF), the gateway's own path, which holds no ``Host`` or framing field and
-    whose every byte is already vetted (the client's as llhttp parsed them: no control
-    character passes it; the gateway's own values printable ASCII by construction), sent as
-    they are; or any ``items()`` mapping of text, whose ``Host`` and framing fields are
-    replaced and which is checked for control characters."""
+    ``headers``: either a list of head items (``(name, value)`` fields as received, or
+    blocks of lines joined by CRLF), the gateway's own path, which holds no ``Host`` or
+    framing field and whose every byte is already vetted (the client's as llhttp parsed
+    them: no control character passes it; the gateway's own values printable ASCII by
+    construction), sent as they are; or any ``items()`` mapping of text, whose ``Host`` and
+    framing fields are replaced and which is checked for control characters."""
     encode = _encode
     lines = [encode(f"{method} {target} HTTP/1.1"), b"Host: " + encode(host)]
     if isinstance(headers, list):
         _refuse_control_characters(lines)
-        lines += headers
+        lines += head_lines(headers)
     else:
         lines += [encode(f"{n}: {v}") for n, v in headers.items() if n.lower() not in _OWN_HEADERS]
         _refuse_control_characters(lines)

@@ -34,6 +34,7 @@ from gateway.proxy import _target
 from gateway.routing import upstream_url
 from gateway.upstream import (
     MAX_HEAD_SIZE,
+    HeadItem,
     Origin,
     UpstreamError,
     UpstreamPool,
@@ -639,6 +640,21 @@ def test_request_head_refuses_control_characters(value: str) -> None:
     with pytest.raises(ValueError):
         serialize_head("GET", "/", "h", {"X-A": value}, has_body=False, length=None)
     serialize_head("GET", "/", "h", {"X-A": "tab\tok é"}, has_body=False, length=None)
+
+
+def test_request_head_from_fields_and_blocks_keeps_their_order() -> None:
+    """The gateway's own path: client fields as received, its own lines as blocks."""
+    items: list[HeadItem] = [
+        (b"Accept", b"*/*"),
+        b"X-User-Id: u1\r\nX-User-Roles: a,b",
+        (b"Cookie", b"\xff"),
+        b"X-Request-Id: r",
+    ]
+    head = serialize_head("GET", "/p", "up:81", items, has_body=False, length=None)
+    assert head == (
+        b"GET /p HTTP/1.1\r\nHost: up:81\r\nAccept: */*\r\nX-User-Id: u1\r\n"
+        b"X-User-Roles: a,b\r\nCookie: \xff\r\nX-Request-Id: r\r\n\r\n"
+    )
 
 
 def test_request_head_passes_undecodable_client_bytes_unchanged() -> None:
