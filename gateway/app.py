@@ -459,12 +459,13 @@ class Gateway:
         verified identity (the verified-token cache hands out the same object for every
         request with its token, and thousands of them: one bytes object each)."""
         settings = self.settings.headers
-        rendered = identity.rendered
-        if rendered is not None and rendered[0] is settings:
-            return rendered[1]  # type: ignore[no-any-return]
+        block = identity.rendered
+        if block is not None and identity.rendered_for is settings:
+            return block
         values = hdr.identity_header_values(settings, identity)
         block = hdr.header_block(_field_bytes(values))  # printable ASCII: encode_value
-        object.__setattr__(identity, "rendered", (settings, block))
+        object.__setattr__(identity, "rendered", block)
+        object.__setattr__(identity, "rendered_for", settings)
         return block
 
     # -- forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth) ----

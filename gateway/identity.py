@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.config import ClaimMapping, RouteSettings
 from gateway.errors import InsufficientScope, InvalidInput, InvalidToken
+from gateway.memo import Memo
 
 __all__ = [
     "NO_CLAIMS",
@@ -61,6 +62,7 @@ _DEFAULT_IGNORABLE: tuple[tuple[int, int], ...] = (
 )
 _MISSING = object()
 _NO_SCOPES: frozenset[str] = frozenset()  # one for every identity without scopes
+_ROLE_SETS: Memo[tuple[str, ...], tuple[str, ...]] = Memo(lambda roles: roles)
 NO_CLAIMS: Mapping[str, Any] = types.MappingProxyType({})
 
 # ASCII fast paths of the Unicode checks below (tests prove them equal on all of ASCII).
@@ -79,9 +81,11 @@ class Identity:
     scopes: frozenset[str] = frozenset()
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # (``claims`` of a verified token: a ``TokenClaims``, decoded only when a route reads it.)
-    # The identity headers as a gateway rendered them, with the settings they were rendered
-    # for: set once by the gateway that first forwards this identity (it is immutable else).
-    rendered: Any = field(default=None, compare=False, repr=False)
+    # The identity headers as a gateway rendered them (one block of lines), and the settings
+    # they were rendered for: set once by the gateway that first forwards this identity (it
+    # is immutable else). Two fields, not a tuple: thousands of identities are cached.
+    rendered: bytes | None = field(default=None, compare=False, repr=False)
+    rendered_for: Any = field(default=None, compare=False, repr=False)
     # When the token behind it stops passing verification (exp + leeway); None: not a token.
     valid_until: float | None = field(default=None, compare=False, repr=False)
 
@@ -286,7 +290,8 @@ def _roles_claim(value: Any) -> tuple[str, ...]:
         value = [part for part in value.split(" ") if part]
     if not isinstance(value, list) or not all(isinstance(r, str) and _valid_role(r) for r in value):
         raise InvalidToken("malformed_claims")
-    return tuple(sys.intern(role) for role in dict.fromkeys(value))  # a handful, shared
+    # A handful of role sets are shared by thousands of cached identities: one tuple each.
+    return _ROLE_SETS[tuple(sys.intern(role) for role in dict.fromkeys(value))]
 
 
 def _valid_role(role: str) -> bool:
