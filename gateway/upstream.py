@@ -95,6 +95,11 @@ def head_lines(items: Iterable[HeadItem]) -> list[bytes]:
     return [item if isinstance(item, bytes) else item[0] + b": " + item[1] for item in items]
 
 
+# The response fields of a connection with no response under way. Never appended to:
+# ``on_message_begin`` gives each response a list of its own.
+_NO_FIELDS: list[tuple[bytes, bytes]] = []
+
+
 def serialize_head(
     method: str,
     target: str,
@@ -215,7 +220,7 @@ class _Connection(asyncio.Protocol):
         self.informational = False
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = _NO_FIELDS
         self.body: list[bytes] = []  # (a deque's first block alone is 600 bytes)
         self.buffered = 0
         self.body_waiter: asyncio.Future[None] | None = None
@@ -699,6 +704,7 @@ class UpstreamPool:
             return
         conn.busy = False
         conn.writer = None
+        conn.headers = _NO_FIELDS  # not kept while idle: hundreds may be
         idle = self._idle.setdefault(conn.origin, [])
         if len(idle) >= self.max_idle_per_origin:
             self._discard(conn)
