@@ -33,6 +33,12 @@ Guarantees:
 - a response sent before its request body was whole says ``Connection: close``; the rest of
   the body is read and dropped for up to ``lingering_time``, so the client sees the response
   rather than a reset;
+- at most ``intake_per_turn`` new requests are taken in per turn of the event loop; the heads
+  of the others wait, read and in order, for the next turns (HAProxy's ``maxpollevents``
+  idea): a worker under a crowd of connections holds a few hundred requests in flight rather
+  than one per connection, each with its coroutines and upstream connection, and no request
+  is refused or dropped for it (it is a rate per turn, not a cap on requests in flight, so
+  long polls and streams never hold others back);
 - all of it costs the hot path one clock read per ``data_received`` and no timer per request:
   one timer per connection, rescheduled lazily, watches every deadline.
 
@@ -44,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -98,6 +105,7 @@ MAX_FIELD_SIZE = 16 * 1024  # bytes of one header field (name + value)
 MAX_HEADERS = 100  # header fields per request
 MAX_HEAD_SIZE = 64 * 1024  # bytes of a whole head (the parser holds a partial field in memory)
 BODY_BUFFER = 64 * 1024  # request body bytes buffered before reading pauses (twice this)
+INTAKE_PER_TURN = 64  # new requests taken in per event-loop turn (HAProxy: 200 events)
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ class Limits:
     max_field_size: int = MAX_FIELD_SIZE
     max_headers: int = MAX_HEADERS
     max_head_size: int = MAX_HEAD_SIZE
+    intake_per_turn: int = INTAKE_PER_TURN
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_idle_timeout", "keepalive_timeout"):
@@ -122,6 +131,8 @@ class Limits:
                 raise ValueError(f"{name} must be positive")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.intake_per_turn < 1:
+            raise ValueError("intake_per_turn must be at least 1")
 
 
 DEFAULT_LIMITS = Limits()
@@ -605,6 +616,7 @@ class GatewayProtocol(BaseProtocol):
         "_body_bytes",
         "_last_read",
         "_paused_at",
+        "_held",
     )
 
     def __init__(self, server: GatewayServer) -> None:
@@ -650,6 +662,8 @@ class GatewayProtocol(BaseProtocol):
         self._body_bytes = 0
         self._last_read = 0.0
         self._paused_at: float | None = None
+        # A new request's first bytes, read in a turn that took in enough already.
+        self._held: bytes | None = None
 
     # -- connection life -------------------------------------------------------------
 
@@ -690,6 +704,7 @@ class GatewayProtocol(BaseProtocol):
                 exchange.body.set_exception(lost)
         self._incoming = None
         self._waiting.clear()
+        self._held = None
         if self._ws_parser is not None:
             self._ws_parser.feed_eof()
             self._ws_parser = None
@@ -733,6 +748,32 @@ class GatewayProtocol(BaseProtocol):
         if self._upgraded_tail is not None:
             self._upgraded_tail += data[: BODY_BUFFER - len(self._upgraded_tail)]
             return
+        if self._held is not None:
+            self._held += data  # (a read already under way as reading paused)
+            return
+        if (
+            self._serving is None
+            and self._incoming is None
+            and not self._in_head
+            and not self.server.take_in(self)
+        ):
+            self._held = data  # a new request, for a later turn
+            self._idle_since = None  # (not idle: a request waits)
+            self._pause_transport_reading()
+            return
+        self._parse(data)
+
+    def release_held(self) -> bool:
+        """The server's turn for the request held back: parse it now. False if the
+        connection is gone meanwhile."""
+        data, self._held = self._held, None
+        if data is None or self.transport is None:
+            return False
+        self._resume_transport_reading()  # nothing else paused it: the connection was idle
+        self._parse(data)
+        return True
+
+    def _parse(self, data: bytes) -> None:
         now = self.loop.time()
         self._last_read = now
         if self._incoming is not None:
@@ -1112,7 +1153,7 @@ class GatewayProtocol(BaseProtocol):
     def close_when_idle(self) -> None:
         """Shutting down: an idle connection closes now, a busy one after its response."""
         self.closing = True
-        if self._serving is None:
+        if self._serving is None and self._held is None:
             self._close_now()
 
     async def finish(self, timeout: float | None) -> None:
@@ -1155,6 +1196,11 @@ class GatewayServer:
         self.loop = loop or asyncio.get_running_loop()
         self.connections: set[GatewayProtocol] = set()
         self.shutting_down = False
+        # The intake of this turn of the loop, and the connections whose requests wait for a
+        # later one (in order).
+        self._intake = 0
+        self._held: deque[GatewayProtocol] = deque()
+        self._turn_scheduled = False
 
     @property
     def open_connections(self) -> int:
@@ -1172,6 +1218,35 @@ class GatewayServer:
     def forget(self, protocol: GatewayProtocol) -> None:
         self.connections.discard(protocol)
 
+    def take_in(self, protocol: GatewayProtocol) -> bool:
+        """Whether ``protocol``'s new request is parsed in this turn of the loop; if not, the
+        server releases it (``release_held``) in a later turn, after those held before it."""
+        self._schedule_turn()
+        if self._held or self._intake >= self.limits.intake_per_turn:
+            self._held.append(protocol)
+            return False
+        self._intake += 1
+        return True
+
+    def _schedule_turn(self) -> None:
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            # Runs after this turn's reads: the next turn's intake starts with the held.
+            self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_scheduled = False
+        self._intake = 0
+        self._release_held(self.limits.intake_per_turn)
+        if self._held:
+            self._schedule_turn()
+
+    def _release_held(self, count: int) -> None:
+        held = self._held
+        while held and self._intake < count:
+            if held.popleft().release_held():
+                self._intake += 1
+
     def log_access(self, exchange: Exchange) -> None:
         if self._access_log is not None:
             try:
@@ -1183,10 +1258,12 @@ class GatewayServer:
 
     def pre_shutdown(self) -> None:
         self.shutting_down = True
+        self._release_held(len(self._held) + self._intake)  # read already: they are served
         for protocol in list(self.connections):
             protocol.close_when_idle()
 
     async def shutdown(self, timeout: float | None = None) -> None:
+        self._release_held(len(self._held) + self._intake)
         await asyncio.gather(*(p.finish(timeout) for p in list(self.connections)))
         self.connections.clear()
 

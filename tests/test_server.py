@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 
 from gateway.errors import RequestHeaderFieldsTooLarge
 from gateway.server import (
+    Exchange,
     GatewayRunner,
     Limits,
     framing_problem,
@@ -113,6 +115,7 @@ class Served:
 
 
 Serve = Callable[..., Awaitable[Served]]
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 FAST = Limits(
     header_timeout=0.5,
@@ -446,6 +449,100 @@ async def test_graceful_shutdown_lets_in_flight_requests_finish(serve: Serve) ->
     writer.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", served.port), timeout=1).close()
+
+
+# -- intake per loop turn --------------------------------------------------------------
+
+
+class TurnCounter:
+    """Counts turns of the event loop (a task that yields once a turn) and which turn each
+    request's handler started in."""
+
+    def __init__(self) -> None:
+        self.turn = 0
+        self.started: list[int] = []
+        self._task = asyncio.get_running_loop().create_task(self._count())
+
+    async def _count(self) -> None:
+        while True:
+            self.turn += 1
+            await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    async def handler(self, exchange: Exchange) -> None:
+        self.started.append(self.turn)
+        await asyncio.sleep(0.05)
+        exchange.send_head(200, b"OK", [], whole=b"ok")
+
+
+async def requests_at_once(served: Served, count: int, request: bytes = GET) -> list[Streams]:
+    """``count`` connections, opened first, then each sends ``request`` in the same turn."""
+    streams = [await served.connect() for _ in range(count)]
+    await asyncio.sleep(0.1)  # every connection accepted
+    for _, writer in streams:
+        writer.write(request)
+    return streams
+
+
+async def test_requests_beyond_the_intake_of_a_turn_wait_for_later_turns(serve: Serve) -> None:
+    counter = TurnCounter()
+    served = await serve(Limits(intake_per_turn=2), handler=counter.handler)
+    streams = await requests_at_once(served, 12)
+    responses = [await read_response(reader) for reader, _ in streams]
+    counter.stop()
+    assert [r.status for r in responses] == [200] * 12  # none refused, none dropped
+    per_turn = Counter(counter.started)
+    # Two taken in as they are read, two more released at the turn's end: never all twelve.
+    assert max(per_turn.values()) <= 4
+    assert len(per_turn) >= 3
+    for _, writer in streams:
+        writer.close()
+
+
+async def test_a_crowd_under_the_intake_is_taken_in_one_turn(serve: Serve) -> None:
+    counter = TurnCounter()
+    served = await serve(Limits(intake_per_turn=64), handler=counter.handler)
+    streams = await requests_at_once(served, 12)
+    responses = [await read_response(reader) for reader, _ in streams]
+    counter.stop()
+    assert [r.status for r in responses] == [200] * 12
+    assert len(set(counter.started)) <= 2  # (the last reads may land a turn later)
+    for _, writer in streams:
+        writer.close()
+
+
+async def test_shutdown_serves_the_requests_still_held_for_a_later_turn(serve: Serve) -> None:
+    """Read is read: a request held back by the intake is answered, not dropped, when the
+    worker stops."""
+    counter = TurnCounter()
+    served = await serve(Limits(intake_per_turn=1), handler=counter.handler, shutdown_timeout=5)
+    streams = await requests_at_once(served, 30)
+    while not counter.started:
+        await asyncio.sleep(0)
+    await served.runner.cleanup()
+    responses = [await read_response(reader) for reader, _ in streams]
+    counter.stop()
+    assert [r.status for r in responses] == [200] * 30
+    assert len(counter.started) == 30
+    for _, writer in streams:
+        writer.close()
+
+
+async def test_a_held_request_whose_client_leaves_is_forgotten(serve: Serve) -> None:
+    counter = TurnCounter()
+    served = await serve(Limits(intake_per_turn=1), handler=counter.handler)
+    streams = await requests_at_once(served, 8)
+    for _, writer in streams[4:]:
+        writer.transport.abort()  # gone before their turn, or while served
+    responses = [await read_response(reader) for reader, _ in streams[:4]]
+    assert [r.status for r in responses] == [200] * 4
+    response, _ = await served.exchange(CLOSE)  # and the server carries on
+    counter.stop()
+    assert response.status == 200
+    for _, writer in streams[:4]:
+        writer.close()
 
 
 # -- pure parts ------------------------------------------------------------------------
