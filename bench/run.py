@@ -357,7 +357,7 @@ def rss_peaks_while(proc: subprocess.Popen[str], pids: list[int], limit: float) 
     peaks = [0.0] * len(pids)
     deadline = time.monotonic() + limit
     while proc.poll() is None and time.monotonic() < deadline:
-        peaks = [max(peak, rss_mb(pid)) for peak, pid in zip(peaks, pids)]
+        peaks = [max(peak, rss_mb(pid)) for peak, pid in zip(peaks, pids, strict=True)]
         time.sleep(0.2)
     return peaks
 
@@ -893,7 +893,9 @@ class Bench:
             p99_ms=round(result["p99_us"] / 1000, 2),
             max_ms=round(result["max_us"] / 1000, 2),
             cpu_us_per_request=round(cpu, 1) if cpu is not None else None,
-            rss_mb_per_worker=[max(peak, rss_mb(p)) for p, peak in zip(workers, peak_rss)],
+            rss_mb_per_worker=[
+                max(peak, rss_mb(p)) for p, peak in zip(workers, peak_rss, strict=True)
+            ],
             errors=wrk_errors(result),
         )
 
@@ -1111,6 +1113,32 @@ def storm_lines(storm: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def worker_lines(results: Sequence[Measurement]) -> list[str]:
+    """Two workers against one, per scenario, and what the two could do on whole cores.
+
+    On a machine with two CPUs, wrk and the upstream take part of the second core from the
+    second worker: the measured ratio understates the workers' scaling. The CPU each spends
+    per request says what a whole core would give each."""
+    by_key = {(m.scenario, m.target): m for m in results}
+    lines = []
+    for m in results:
+        one = by_key.get((m.scenario, "gw-1"))
+        if m.target != "gw-all" or one is None or not one.rps:
+            continue
+        if not (m.cpu_us_per_request and one.cpu_us_per_request):
+            continue
+        cores = m.rps * m.cpu_us_per_request / 1e6
+        workers = len(m.rss_mb_per_worker)
+        scaling = workers * one.cpu_us_per_request / m.cpu_us_per_request
+        lines.append(
+            f"{workers} workers, {m.scenario}: x{m.rps / one.rps:.2f} gw-1 measured, on "
+            f"{cores:.2f} cores (wrk and the upstream had the rest); "
+            f"{m.cpu_us_per_request:.0f} us of CPU a request against gw-1's "
+            f"{one.cpu_us_per_request:.0f}, so {workers} whole cores = x{scaling:.2f} one"
+        )
+    return lines
+
+
 def setup_info(opts: Options, lab: Lab, nofile: int) -> dict[str, Any]:
     return {
         "cpus": len(os.sched_getaffinity(0)),
@@ -1265,7 +1293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(bench.results))
     notes = [f"{m.scenario} / {m.target}: {m.note}" for m in bench.results if m.note]
-    lines = [*notes, *storm_lines(bench.storm), summary_line(setup), f"results: {opts.out}"]
+    lines = [
+        *notes,
+        *worker_lines(bench.results),
+        *storm_lines(bench.storm),
+        summary_line(setup),
+        f"results: {opts.out}",
+    ]
     for line in lines:
         print(line)
     failed = failures(bench.results)

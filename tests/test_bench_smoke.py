@@ -152,3 +152,33 @@ def test_the_in_process_harness_runs_the_real_request_path() -> None:
     assert done.stdout.startswith("CPU per request, µs: "), done.stdout
     best = float(done.stdout.rsplit("best ", 1)[1])
     assert 1 < best < 100_000  # a figure, not a skipped loop (every answer was the upstream's)
+
+
+def test_two_workers_are_also_judged_per_whole_core() -> None:
+    """On two CPUs the second worker shares its core with wrk and the upstream: besides the
+    measured ratio, the CPU per request says what two whole cores would give."""
+    harness = load_harness()
+
+    def measured(target: str, rps: float, cpu: float, workers: int) -> object:
+        return harness.Measurement(
+            "one-token",
+            target,
+            64,
+            10.0,
+            int(rps * 10),
+            rps,
+            1.0,
+            2.0,
+            3.0,
+            4.0,
+            cpu,
+            [60.0] * workers,
+            {},
+        )
+
+    lines = harness.worker_lines([measured("gw-1", 5000, 200, 1), measured("gw-all", 7000, 220, 2)])
+    assert lines == [
+        "2 workers, one-token: x1.40 gw-1 measured, on 1.54 cores (wrk and the upstream had "
+        "the rest); 220 us of CPU a request against gw-1's 200, so 2 whole cores = x1.82 one"
+    ]
+    assert harness.worker_lines([measured("gw-all", 7000, 220, 2)]) == []  # no gw-1 to judge by
