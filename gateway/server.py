@@ -759,7 +759,7 @@ class GatewayProtocol(BaseProtocol):
         ):
             self._held = data  # a new request, for a later turn
             self._idle_since = None  # (not idle: a request waits)
-            self._pause_transport_reading()
+            self._pause_reading_for_buffer()
             return
         self._parse(data)
 
@@ -767,9 +767,9 @@ class GatewayProtocol(BaseProtocol):
         """The server's turn for the request held back: parse it now. False if the
         connection is gone meanwhile."""
         data, self._held = self._held, None
-        if data is None or self.transport is None:
-            return False
-        self._resume_transport_reading()  # nothing else paused it: the connection was idle
+        if data is None or self.transport is None or self._dropping:
+            return False  # gone, or refused meanwhile (a head that waited past its timeout)
+        self._resume_reading_for_buffer()
         self._parse(data)
         return True
 
@@ -1241,9 +1241,11 @@ class GatewayServer:
         if self._held:
             self._schedule_turn()
 
-    def _release_held(self, count: int) -> None:
+    def _release_held(self, limit: int | None) -> None:
+        """Parse held requests, in order, until this turn's intake reaches ``limit`` (None:
+        all of them)."""
         held = self._held
-        while held and self._intake < count:
+        while held and (limit is None or self._intake < limit):
             if held.popleft().release_held():
                 self._intake += 1
 
@@ -1258,12 +1260,12 @@ class GatewayServer:
 
     def pre_shutdown(self) -> None:
         self.shutting_down = True
-        self._release_held(len(self._held) + self._intake)  # read already: they are served
+        self._release_held(None)  # read already: they are served, not dropped
         for protocol in list(self.connections):
             protocol.close_when_idle()
 
     async def shutdown(self, timeout: float | None = None) -> None:
-        self._release_held(len(self._held) + self._intake)
+        self._release_held(None)
         await asyncio.gather(*(p.finish(timeout) for p in list(self.connections)))
         self.connections.clear()
 
