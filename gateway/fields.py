@@ -41,10 +41,11 @@ _KEYS: Memo[bytes, str] = Memo(_key)  # field names recur on every request
 class HeaderFields(MultiMapping[str]):
     """Read-only, case-insensitive, multi-valued: ``get``, ``getall``, ``in``, ``items``.
 
-    ``raw`` is the fields in order, as received. ``repeated`` holds the (lowercase) names
-    that appear more than once."""
+    ``raw`` is the fields in order, as received; ``first`` each lowercase name's first value,
+    as bytes (what the edge reads without decoding); ``repeated`` the lowercase names that
+    appear more than once."""
 
-    __slots__ = ("raw", "_first", "repeated")
+    __slots__ = ("raw", "first", "repeated")
 
     def __init__(self, raw: tuple[Field, ...]) -> None:
         self.raw = raw
@@ -59,7 +60,7 @@ class HeaderFields(MultiMapping[str]):
                 repeated = {key}
             else:
                 repeated.add(key)
-        self._first = first
+        self.first = first
         self.repeated: frozenset[str] = frozenset(repeated) if repeated else _NONE_REPEATED
 
     @overload
@@ -67,14 +68,14 @@ class HeaderFields(MultiMapping[str]):
     @overload
     def get(self, name: str, default: str | T) -> str | T: ...
     def get(self, name: str, default: Any = None) -> Any:
-        value = self._first.get(name.lower())
+        value = self.first.get(name.lower())
         return default if value is None else _text(value)
 
     def getall(self, name: str, default: Any = _NO_DEFAULT) -> Any:
         key = name.lower()
         if key in self.repeated:
             return [_text(v) for n, v in self.raw if _KEYS[n] == key]
-        value = self._first.get(key)
+        value = self.first.get(key)
         if value is not None:
             return [_text(value)]
         if default is _NO_DEFAULT:
@@ -82,7 +83,7 @@ class HeaderFields(MultiMapping[str]):
         return default
 
     def getone(self, name: str, default: Any = _NO_DEFAULT) -> Any:
-        value = self._first.get(name.lower())
+        value = self.first.get(name.lower())
         if value is not None:
             return _text(value)
         if default is _NO_DEFAULT:
@@ -90,13 +91,13 @@ class HeaderFields(MultiMapping[str]):
         return default
 
     def __getitem__(self, name: str) -> str:
-        value = self._first.get(name.lower())
+        value = self.first.get(name.lower())
         if value is None:
             raise KeyError(name)
         return _text(value)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._first
+        return isinstance(name, str) and name.lower() in self.first
 
     def __iter__(self) -> Iterator[str]:
         """Each name once, as first written (what multidict's iteration gives)."""

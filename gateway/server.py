@@ -226,6 +226,7 @@ _SINGLETONS = frozenset(
     }
 )
 _NO_BODY_STATUSES = frozenset((204, 304, *range(100, 200)))
+_METHODS: Memo[bytes, str] = Memo(lambda method: method.decode("ascii"))  # (llhttp's: tokens)
 
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -873,15 +874,19 @@ class GatewayProtocol(BaseProtocol):
         if headers.repeated and not headers.repeated.isdisjoint(_SINGLETONS):
             # Which copy would a filter in front of the gateway, or the upstream, read?
             raise _Duplicate()
-        method = http.get_method().decode("ascii")
+        first = headers.first
+        method = _METHODS[http.get_method()]
+        chunked = "transfer-encoding" in first
         if version is None:
             problem: str | None = "Only HTTP/1.0 and HTTP/1.1 are served."
         elif method == "CONNECT":
             problem = "CONNECT is not served: the gateway opens no tunnels."
-        elif version == HttpVersion11 and "Host" not in headers:
+        elif version == HttpVersion11 and "host" not in first:
             problem = "An HTTP/1.1 request must carry a Host header (RFC 9112 §3.2)."
-        else:
+        elif chunked:
             problem = framing_problem(version, headers.getall("Transfer-Encoding", ()))
+        else:
+            problem = None
         if problem is not None:
             self._refuse_framing(problem)
             raise _Refused()
@@ -889,8 +894,7 @@ class GatewayProtocol(BaseProtocol):
             self._dropping = True  # after "Connection: close" nothing more is served
             raise _Refused()
         assert version is not None
-        chunked = "Transfer-Encoding" in headers
-        length_field = headers.get("Content-Length")
+        length_field = first.get("content-length")  # digits only: llhttp checked it
         length = int(length_field) if length_field is not None else None
         has_body = chunked or bool(length)
         body = StreamReader(self, BODY_BUFFER, loop=self.loop) if has_body else EMPTY_PAYLOAD
