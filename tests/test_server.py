@@ -486,31 +486,30 @@ async def requests_at_once(served: Served, count: int, request: bytes = GET) -> 
     return streams
 
 
-async def test_requests_beyond_the_intake_of_a_turn_wait_for_later_turns(serve: Serve) -> None:
+async def crowd(serve: Serve, intake: int, count: int) -> TurnCounter:
+    """``count`` requests sent at once to a server taking in ``intake`` a turn; all must be
+    answered 200 (none refused, none dropped)."""
     counter = TurnCounter()
-    served = await serve(Limits(intake_per_turn=2), handler=counter.handler)
-    streams = await requests_at_once(served, 12)
+    served = await serve(Limits(intake_per_turn=intake), handler=counter.handler)
+    streams = await requests_at_once(served, count)
     responses = [await read_response(reader) for reader, _ in streams]
     counter.stop()
-    assert [r.status for r in responses] == [200] * 12  # none refused, none dropped
-    per_turn = Counter(counter.started)
+    for _, writer in streams:
+        writer.close()
+    assert [r.status for r in responses] == [200] * count
+    return counter
+
+
+async def test_requests_beyond_the_intake_of_a_turn_wait_for_later_turns(serve: Serve) -> None:
+    per_turn = Counter((await crowd(serve, intake=2, count=12)).started)
     # Two taken in as they are read, two more released at the turn's end: never all twelve.
     assert max(per_turn.values()) <= 4
     assert len(per_turn) >= 3
-    for _, writer in streams:
-        writer.close()
 
 
 async def test_a_crowd_under_the_intake_is_taken_in_one_turn(serve: Serve) -> None:
-    counter = TurnCounter()
-    served = await serve(Limits(intake_per_turn=64), handler=counter.handler)
-    streams = await requests_at_once(served, 12)
-    responses = [await read_response(reader) for reader, _ in streams]
-    counter.stop()
-    assert [r.status for r in responses] == [200] * 12
+    counter = await crowd(serve, intake=64, count=12)
     assert len(set(counter.started)) <= 2  # (the last reads may land a turn later)
-    for _, writer in streams:
-        writer.close()
 
 
 async def test_shutdown_serves_the_requests_still_held_for_a_later_turn(serve: Serve) -> None:
@@ -575,6 +574,8 @@ def test_limits_refuse_nonsense() -> None:
         Limits(header_timeout=0)
     with pytest.raises(ValueError):
         Limits(max_connections=0)
+    with pytest.raises(ValueError):
+        Limits(intake_per_turn=0)
 
 
 @pytest.mark.parametrize(
