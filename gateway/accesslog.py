@@ -62,7 +62,7 @@ def write_line(exchange: Exchange, seconds: float) -> None:
         "route": exchange.route,
         "status": exchange.status,
         "bytes": exchange.bytes_sent,
-        "duration_ms": round(seconds * 1000, 3),
+        "duration_ms": round(seconds * 1e6) / 1000,  # (round(x, 3) costs five times more)
         "upstream_ms": _ms(exchange.upstream_seconds),
         "user_id": exchange.user_id,
         "auth": exchange.auth,
@@ -99,10 +99,11 @@ def _path_of(target: str) -> str:
 
 
 def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
+    return None if seconds is None else round(seconds * 1e6) / 1000
 
 
 _second: tuple[int, str] = (0, "")
+_MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))  # formatting them cost a µs a line
 
 
 def _utc_now() -> str:
@@ -112,4 +113,4 @@ def _utc_now() -> str:
     whole = int(now)
     if _second[0] != whole:
         _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
+    return _second[1] + _MILLISECONDS[int((now - whole) * 1000)]
