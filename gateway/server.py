@@ -408,11 +408,12 @@ class Exchange:
         no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES
         lines = [b"HTTP/1.1 %d %s" % (status, reason)]
         extra = self.extra_headers
-        replaced = (
-            _REQUEST_ID_ONLY
-            if len(extra) == 1 and extra[0][0] == "X-Request-Id"
-            else {n.lower().encode() for n, _ in extra if n != "Vary"}
-        )
+        if len(extra) == 1 and extra[0][0] == "X-Request-Id":  # the usual: no CORS, no Vary
+            replaced = _REQUEST_ID_ONLY
+            own = [b"X-Request-Id: " + extra[0][1].encode()]  # (ASCII by construction)
+        else:
+            replaced = frozenset(n.lower().encode() for n, _ in extra if n != "Vary")
+            own = [n.encode() + b": " + v.encode("utf-8", "surrogateescape") for n, v in extra]
         length: bytes | None = None
         has_date = False
         kinds = _FIELD_KINDS
@@ -426,7 +427,7 @@ class Exchange:
                 lines.append(name + b": " + value)
             elif kind == _LENGTH:
                 length = value
-        lines += [n.encode() + b": " + v.encode("utf-8", "surrogateescape") for n, v in extra]
+        lines += own
         if not has_date:
             lines.append(b"Date: " + _http_date())
         if whole is not None and not no_body:
@@ -798,10 +799,11 @@ class GatewayProtocol(BaseProtocol):
             # header only after the head): it is never served.
             self._parsed.remove(self._incoming)
             self._incoming = None
-        if self._parsed:
-            parsed, self._parsed = self._parsed, []
+        parsed = self._parsed
+        if parsed:
             for exchange in parsed:
-                self._enqueue(exchange)
+                self._enqueue(exchange)  # (parses nothing: the list cannot grow meanwhile)
+            parsed.clear()
         if failure is not None:
             self._refuse(failure)
             return
