@@ -31,7 +31,6 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -41,6 +40,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+
+from tests.ports import free_port
 
 T = TypeVar("T")
 
@@ -74,12 +75,6 @@ def _fast_tmp() -> str | None:
     except OSError:
         return None
     return "/dev/shm" if stat.f_bavail * stat.f_frsize >= SHM_NEEDED else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PgServer:

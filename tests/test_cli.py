@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 BASE = """\
 server:
   port: 18080
@@ -203,14 +205,8 @@ def test_bad_usage_exits_non_zero_with_one_line(workdir: Path) -> None:
 
 def test_demo_answers_its_own_walkthrough(tmp_path: Path) -> None:
     """`gateway demo` on the shipped demo config (ports moved so tests can run anywhere)."""
-    import socket
     import time
     import urllib.request
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
 
     port, echo, admin = free_port(), free_port(), free_port()
     shipped = (Path(__file__).parent.parent / "config" / "gateway.yaml").read_text()

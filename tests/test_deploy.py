@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from yamllint import config as yamllint_config
 from yamllint import linter as yamllint_linter
 
 from gateway.config import parse_duration
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -540,12 +540,6 @@ def image_venv(tmp_path: Path) -> Path:
         wheel.result()
     sh(runs["install"], src, 60)
     return venv
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def runtime_env(venv: Path, **values: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from tests.blackbox.client import assert_no_leak
+from tests.ports import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +38,6 @@ def no_leaks_in_any_response(monkeypatch: pytest.MonkeyPatch) -> None:
         return body
 
     monkeypatch.setattr(aiohttp.ClientResponse, "read", read_and_check)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

@@ -24,7 +24,6 @@ import csv
 import io
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.blackbox.conftest import stop_process_group
+from tests.ports import free_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 START_TIMEOUT = 15.0  # seconds until the listener accepts and every replica is UP
@@ -122,12 +122,6 @@ class HAProxy:
     def served_by(self) -> dict[str, str]:
         """Request id -> the replica that served it, from the log lines so far."""
         return {m["rid"]: m["server"] for m in LOG_LINE.finditer(self.log()) if m["rid"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(workdir: Path, port: int, stats_port: int, replicas: list[str]) -> Path:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.blackbox.conftest import stop_process_group
+from tests.ports import free_port
 
 SNIPPETS = Path(__file__).resolve().parents[2] / "docs" / "forward-auth"
 NGINX_SNIPPET = SNIPPETS / "nginx.conf"
@@ -85,12 +86,6 @@ def render(template: str, values: Mapping[str, str]) -> str:
     if left:
         raise ValueError(f"placeholders without a value: {sorted(set(left))}")
     return text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _nginx_files(workdir: Path, snippet: str) -> list[str]:
