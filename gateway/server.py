@@ -801,9 +801,11 @@ class GatewayProtocol(BaseProtocol):
             self._incoming = None
         parsed = self._parsed
         if parsed:
-            for exchange in parsed:
-                self._enqueue(exchange)  # (parses nothing: the list cannot grow meanwhile)
-            parsed.clear()
+            try:
+                for exchange in parsed:
+                    self._enqueue(exchange)  # (parses nothing: the list cannot grow meanwhile)
+            finally:
+                parsed.clear()  # each is enqueued once, whatever happens
         if failure is not None:
             self._refuse(failure)
             return
