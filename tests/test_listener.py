@@ -30,14 +30,20 @@ async def ok(exchange: Exchange) -> None:
     exchange.send_head(200, b"OK", [], whole=b"ok")
 
 
+async def edge_runner() -> GatewayRunner:
+    """A runner whose edge answers every request 200 (``ok``), set up, not listening."""
+    app = web.Application()
+    app[EDGE_HANDLER] = ok
+    runner = GatewayRunner(app)
+    await runner.setup()
+    return runner
+
+
 def test_a_crowd_of_new_connections_is_accepted_in_one_turn_of_a_busy_loop(
     uvloop_only: None,
 ) -> None:
     async def scenario() -> None:
-        app = web.Application()
-        app[EDGE_HANDLER] = ok
-        runner = GatewayRunner(app)
-        await runner.setup()
+        runner = await edge_runner()
         site = BatchAcceptSite(runner, "127.0.0.1", 0, backlog=512)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
@@ -49,7 +55,7 @@ def test_a_crowd_of_new_connections_is_accepted_in_one_turn_of_a_busy_loop(
                 client.setblocking(False)
                 client.connect_ex(("127.0.0.1", port))
                 clients.append(client)
-            time.sleep(0.2)
+            time.sleep(0.2)  # not asyncio.sleep: the loop must be busy while they queue
             server = runner.server
             assert server is not None
             for _ in range(10):  # a few turns: the readiness, then each connection_made
@@ -68,10 +74,7 @@ def test_a_crowd_of_new_connections_is_accepted_in_one_turn_of_a_busy_loop(
 
 
 async def test_it_binds_every_address_of_its_host_and_frees_them_on_stop() -> None:
-    app = web.Application()
-    app[EDGE_HANDLER] = ok
-    runner = GatewayRunner(app)
-    await runner.setup()
+    runner = await edge_runner()
     site = BatchAcceptSite(runner, "localhost", 0)
     try:
         await site.start()
@@ -87,10 +90,7 @@ async def test_an_address_in_use_fails_the_start() -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    app = web.Application()
-    app[EDGE_HANDLER] = ok
-    runner = GatewayRunner(app)
-    await runner.setup()
+    runner = await edge_runner()
     try:
         with pytest.raises(OSError):
             await BatchAcceptSite(runner, "127.0.0.1", taken.getsockname()[1]).start()
@@ -102,10 +102,7 @@ async def test_an_address_in_use_fails_the_start() -> None:
 async def test_a_connection_made_after_shutdown_began_is_closed_at_once() -> None:
     # The listener hands accepted sockets over a turn later: one accepted as it closed may
     # only be made after the open connections were told to close when idle.
-    app = web.Application()
-    app[EDGE_HANDLER] = ok
-    runner = GatewayRunner(app)
-    await runner.setup()
+    runner = await edge_runner()
     site = BatchAcceptSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
