@@ -12,7 +12,9 @@ Targets (all started once, idle while another is measured):
 - ``haproxy-jwt``: HAProxy verifying the gateway's RS256 tokens (alg pinned, ``exp`` checked,
   ``sub`` injected as ``X-User-Id``) with the gateway's public key;
 - ``gw-1``: the gateway, one worker, pinned to one core;
-- ``gw-all``: the gateway with ``server.workers: 0`` (one per CPU), not pinned.
+- ``gw-all``: the gateway with ``server.workers: 0`` (one per CPU), not pinned;
+- ``node``: the tutorial's Node/Express ``GET /profile`` (njwt HS256 and a SQLite row, no
+  proxying; ``bench/node/``), pinned, in ``one-token`` only: the yardstick of "2.5 x Node".
 
 Scenarios: ``one-token`` (one token repeated), ``tokens-10k`` (10,000 distinct valid tokens
 rotated), ``post-64k`` (a 64 KiB POST body), ``conns-1000`` (1,000 keep-alive connections),
@@ -41,9 +43,11 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -69,6 +73,10 @@ WRK = shutil.which("wrk") or "/usr/bin/wrk"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 TASKSET = shutil.which("taskset") or "/usr/bin/taskset"
+NODE = shutil.which("node")
+NPM = shutil.which("npm")
+NODE_APP = BENCH / "node"  # the tutorial's server and its pinned npm dependencies
+NPM_TIMEOUT = 600.0  # sqlite3 may compile from source on a machine without its prebuilt
 
 ROUTE = "/api/bench"  # the gateway's route is /api; the other targets answer any path
 ISSUER = "http://127.0.0.1/bench"
@@ -93,9 +101,10 @@ PLACEHOLDER = re.compile(r"\{\{[A-Z_]+\}\}")
 @dataclass(frozen=True)
 class Target:
     name: str
-    kind: str  # "nginx" | "haproxy" | "gateway"
-    authenticates: bool
+    kind: str  # "nginx" | "haproxy" | "gateway" | "node"
+    authenticates: bool  # verifies the run's RS256 tokens and injects their sub
     pinned: bool  # on the proxy's own core
+    scenarios: tuple[str, ...] = ()  # only these; () for every scenario
 
 
 TARGETS = {
@@ -106,6 +115,7 @@ TARGETS = {
         Target("haproxy-jwt", "haproxy", authenticates=True, pinned=True),
         Target("gw-1", "gateway", authenticates=True, pinned=True),
         Target("gw-all", "gateway", authenticates=True, pinned=False),
+        Target("node", "node", authenticates=False, pinned=True, scenarios=("one-token",)),
     )
 }
 BASELINES = ("direct", "haproxy-jwt")  # every figure is also given as a ratio to these
@@ -176,6 +186,7 @@ class Options:
     out: Path
     keep: bool
     soak_requests: int = 1_000_000
+    targets_chosen: bool = False  # --targets given: a target that cannot run is an error
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -203,11 +214,16 @@ class Processes:
         self.running: list[Process] = []
 
     def start(
-        self, name: str, args: Sequence[str], workdir: Path, cpus: str | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        workdir: Path,
+        cpus: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> Process:
         command = [TASKSET, "-c", cpus, *args] if cpus else list(args)
         log = workdir / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 command,
@@ -549,6 +565,8 @@ class Lab:
         self.token = ""
         self.token_sub = ""
         self.database = workdir / "gateway.db"
+        self.node_secret = secrets.token_urlsafe(32)  # HS256, as the tutorial signs
+        self.node_token = ""
 
     def start(self) -> None:
         self.upstream = self._start_nginx()
@@ -556,6 +574,9 @@ class Lab:
         self.keys = create_keys(gateway_config, self.workdir)
         self.token_sub = str(uuid.uuid4())
         self.token = sign(self.keys, claims(int(time.time()), sub=self.token_sub))
+        self.node_token = jwt.encode(
+            claims(int(time.time()), sub=self.token_sub), self.node_secret, algorithm="HS256"
+        )
         for name in self.opts.targets:
             self.targets[name] = self._start_target(TARGETS[name])
 
@@ -641,12 +662,33 @@ class Lab:
             process = self.procs.start(target.name, [HAPROXY, "-db", "-f", str(conf)], work, cpus)
             wait_http(url + "/", process, lambda s: s in (200, 401))
             return Running(target, url, process)
+        if target.kind == "node":
+            return self._start_node(target, port, cpus)
         workers = 1 if target.name == "gw-1" else 0
         conf = self._gateway_config(target.name, workers, port)
         args = [sys.executable, "-m", "gateway", "serve", "-c", str(conf)]
         process = self.procs.start(target.name, args, work, cpus)
         wait_http(url + "/healthz", process, lambda s: s == 200)
         self._wait_workers(process, workers or os.cpu_count() or 1)
+        return Running(target, url, process)
+
+    def _start_node(self, target: Target, port: int, cpus: str | None) -> Running:
+        """The tutorial's server on a database of one user: the run's token's ``sub``."""
+        work = self._dir(target.name)
+        users = work / "users.db"
+        with sqlite3.connect(users) as db:
+            db.execute("CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT NOT NULL, name TEXT)")
+            db.execute(
+                "INSERT INTO users VALUES (?, ?, ?)",
+                (self.token_sub, "bench@bench.example.com", "Bench User"),
+            )
+        db.close()
+        assert NODE is not None  # main() drops the target without node
+        env = {"PORT": str(port), "JWT_SECRET": self.node_secret, "DATABASE": str(users)}
+        args = [NODE, str(NODE_APP / "server.js")]
+        process = self.procs.start(target.name, args, work, cpus, env)
+        url = f"http://{HOST}:{port}"
+        wait_http(url + "/profile", process, lambda s: s == 401)
         return Running(target, url, process)
 
     def _wait_workers(self, process: Process, count: int) -> None:
@@ -675,6 +717,9 @@ def check_target(lab: Lab, running: Running) -> None:
     """A valid token is let through with its ``sub`` injected; a missing, expired, foreign-key
     or unsigned one is refused. A proxy that let everything through would look fast."""
     assert lab.keys is not None
+    if running.target.kind == "node":
+        check_node(lab, running)
+        return
     url = running.url + ROUTE
     good = http(url, headers=bearer(lab.token))
     if good.status != 200:
@@ -706,6 +751,24 @@ def check_target(lab: Lab, running: Running) -> None:
         status = http(url, headers=headers).status
         if status != 401:
             raise SetupError(f"{running.target.name}: a request with {what} answered {status}")
+
+
+def check_node(lab: Lab, running: Running) -> None:
+    """The tutorial's /profile answers the token's user, and refuses what it should."""
+    url = running.url + "/profile"
+    good = http(url, headers=bearer(lab.node_token))
+    if good.status != 200 or json.loads(good.body).get("id") != lab.token_sub:
+        raise SetupError(f"node: a valid token answered {good.status} {good.body[:200]!r}")
+    now = int(time.time())
+    refused = {
+        "no token": {},
+        "another secret": bearer(jwt.encode(claims(now), "not-the-secret" * 3, "HS256")),
+        "expired": bearer(jwt.encode(claims(now - 7200, ttl=3600), lab.node_secret, "HS256")),
+    }
+    for what, headers in refused.items():
+        status = http(url, headers=headers).status
+        if status != 401:
+            raise SetupError(f"node: a request with {what} answered {status}")
 
 
 _OTHER_KEY: bytes = b""
@@ -824,8 +887,15 @@ class Bench:
         self.token_file: Path | None = None
         self.login_file: Path | None = None
 
-    def load(self, scenario: Scenario) -> Load:
+    def load(self, scenario: Scenario, running: Running) -> Load:
         connections = scenario.connections or self.opts.connections
+        if running.target.kind == "node":
+            return Load(
+                "/profile",
+                connections,
+                wrk_script(self.workdir, scenario.script),
+                headers=bearer(self.lab.node_token),
+            )
         if scenario.name == "tokens-10k":
             assert self.token_file is not None
             return Load(
@@ -845,7 +915,7 @@ class Bench:
         """One request of exactly the scenario's kind must be answered 200 first."""
         if scenario.name == "post-64k":
             answer = http(
-                running.url + ROUTE,
+                running.url + load.path,
                 "POST",
                 {**load.headers, "Content-Type": "application/octet-stream"},
                 b"x" * BODY_BYTES,
@@ -854,11 +924,11 @@ class Bench:
             assert self.token_file is not None
             lines = self.token_file.read_text().split()
             for token in (lines[0], lines[-1]):
-                answer = http(running.url + ROUTE, headers=bearer(token))
+                answer = http(running.url + load.path, headers=bearer(token))
                 if answer.status != 200:
                     break
         else:
-            answer = http(running.url + ROUTE, headers=load.headers)
+            answer = http(running.url + load.path, headers=load.headers)
         if answer.status != 200:
             raise SetupError(f"{scenario.name} on {running.target.name}: HTTP {answer.status}")
 
@@ -905,6 +975,8 @@ class Bench:
             for running in self.lab.targets.values():
                 if scenario.gateway_only and running.target.kind != "gateway":
                     continue
+                if running.target.scenarios and scenario.name not in running.target.scenarios:
+                    continue
                 log(f"{scenario.name} / {running.target.name} ...")
                 if scenario.name == "login-storm":
                     self.run_storm(scenario, running)
@@ -912,7 +984,7 @@ class Bench:
                 if scenario.name == "soak":
                     self.run_soak(scenario, running)
                     continue
-                load = self.load(scenario)
+                load = self.load(scenario, running)
                 self.check_scenario(scenario, running, load)
                 measurement = self.measure(scenario, running, load)
                 if scenario.name == "tokens-10k":
@@ -924,7 +996,7 @@ class Bench:
     def run_soak(self, scenario: Scenario, running: Running) -> None:
         """Laps of one-token load until ``--soak-requests`` are served: is the memory flat?
         The first lap warms up (caches, pools, allocator arenas); the spread is of the rest."""
-        load = self.load(scenario)
+        load = self.load(scenario, running)
         self.check_scenario(scenario, running, load)
         served, laps, rss = 0, [], []
         deadline = time.monotonic() + 3600  # bounded whatever the machine's speed
@@ -946,7 +1018,7 @@ class Bench:
     def run_storm(self, scenario: Scenario, running: Running) -> None:
         """Proxied load alone, then the same load while wrk logs in as fast as the gateway
         lets it (correct passwords, bcrypt at the default cost) from the load's core."""
-        load = self.load(scenario)
+        load = self.load(scenario, running)
         self.check_scenario(scenario, running, load)
         alone = self.measure(scenario, running, load)
         assert self.login_file is not None
@@ -1139,6 +1211,44 @@ def worker_lines(results: Sequence[Measurement]) -> list[str]:
     return lines
 
 
+def node_lines(results: Sequence[Measurement]) -> list[str]:
+    """Each gateway target against the tutorial's Node server, one token, same run."""
+    by_target = {m.target: m for m in results if m.scenario == "one-token"}
+    node = by_target.get("node")
+    if node is None or not node.rps:
+        return []
+    return [
+        f"{m.target} against the tutorial's Node /profile ({node.rps:,.0f} req/s, "
+        f"{_num(node.cpu_us_per_request, 0)} us a request, same run): x{m.rps / node.rps:.2f}"
+        for m in by_target.values()
+        if m.target.startswith("gw-")
+    ]
+
+
+def node_app_missing(targets: Sequence[str]) -> str | None:
+    """Why the ``node`` target cannot run, after installing its npm dependencies if need be
+    (pinned by ``bench/node/package-lock.json``); None when it can."""
+    if "node" not in targets:
+        return None
+    if NODE is None or NPM is None:
+        return "node and npm are not installed (Debian: nodejs, npm)"
+    if (NODE_APP / "node_modules" / "sqlite3").is_dir():
+        return None
+    log(f"installing the tutorial server's npm dependencies in {NODE_APP} ...")
+    try:
+        install = subprocess.run(
+            [NPM, "ci", "--silent", "--no-audit", "--no-fund"],
+            cwd=NODE_APP,
+            capture_output=True,
+            timeout=NPM_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        return f"npm ci took longer than {NPM_TIMEOUT:.0f} s"
+    if install.returncode != 0:
+        return f"npm ci failed: {install.stderr.decode(errors='replace')[-500:]}"
+    return None
+
+
 def setup_info(opts: Options, lab: Lab, nofile: int) -> dict[str, Any]:
     return {
         "cpus": len(os.sched_getaffinity(0)),
@@ -1158,7 +1268,7 @@ def setup_info(opts: Options, lab: Lab, nofile: int) -> dict[str, Any]:
 
 def summary_line(setup: Mapping[str, Any]) -> str:
     pin = (
-        f"gw-1/haproxy on CPU {setup['proxy_cpu']}, wrk+upstream on CPU {setup['load_cpu']}"
+        f"gw-1/haproxy/node on CPU {setup['proxy_cpu']}, wrk+upstream on CPU {setup['load_cpu']}"
         if setup["proxy_cpu"] is not None
         else "nothing pinned (one CPU)"
     )
@@ -1210,7 +1320,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--soak-requests", type=int, default=1_000_000, help="for soak: requests in all"
     )
-    parser.add_argument("--targets", type=parse_names(TARGETS), default=list(TARGETS))
+    parser.add_argument("--targets", type=parse_names(TARGETS))
     parser.add_argument("--tokens", type=int, default=10_000, help="for tokens-10k")
     parser.add_argument("--out", type=Path, help="results JSON (default /tmp/...)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
@@ -1226,11 +1336,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         warmup,
         args.connections,
         args.scenarios,
-        args.targets,
+        args.targets or list(TARGETS),
         args.tokens,
         out,
         args.keep,
         args.soak_requests,
+        targets_chosen=args.targets is not None,
     )
 
 
@@ -1255,6 +1366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tool in (WRK, NGINX, HAPROXY, TASKSET):
         if not Path(tool).exists():
             log(f"{tool} is missing (Debian: wrk, nginx-light, haproxy, util-linux)")
+            return 1
+    missing = node_app_missing(opts.targets)
+    if missing:
+        if not opts.targets_chosen:
+            log(f"the node target is skipped: {missing}")
+            opts.targets.remove("node")
+        else:
+            log(f"the node target cannot run: {missing}")
             return 1
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
@@ -1295,6 +1414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [f"{m.scenario} / {m.target}: {m.note}" for m in bench.results if m.note]
     lines = [
         *notes,
+        *node_lines(bench.results),
         *worker_lines(bench.results),
         *storm_lines(bench.storm),
         summary_line(setup),

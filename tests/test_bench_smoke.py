@@ -9,15 +9,19 @@ load that is answered non-2xx is counted as errors and fails the run's exit code
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import jwt
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +113,67 @@ def test_a_verifier_that_lets_everything_through_is_refused(
     fake = harness.Target("fake-jwt", "nginx", authenticates=True, pinned=False)
     with pytest.raises(harness.SetupError, match="X-User-Id"):
         harness.check_target(lab, harness.Running(fake, direct.url, direct.process))
+
+
+def test_a_node_server_that_skips_the_signature_is_refused(
+    harness: ModuleType, lab: object, tmp_path: Path
+) -> None:
+    """The tutorial's server is only a yardstick if it verifies: one that reads the token's
+    ``sub`` without checking the signature answers the right user and must still fail."""
+
+    class Careless(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if not token:
+                self.send_response(401)
+                self.end_headers()
+                return
+            sub = jwt.decode(token, options={"verify_signature": False})["sub"]
+            body = json.dumps({"id": sub}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Careless)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        lab.node_token = jwt.encode(  # type: ignore[attr-defined]
+            harness.claims(int(time.time()), sub=lab.token_sub),  # type: ignore[attr-defined]
+            lab.node_secret,  # type: ignore[attr-defined]
+            algorithm="HS256",
+        )
+        direct = lab.targets["direct"]  # type: ignore[attr-defined]
+        running = harness.Running(harness.TARGETS["node"], url, direct.process)
+        with pytest.raises(harness.SetupError, match="another secret answered 200"):
+            harness.check_target(lab, running)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_gateway_is_judged_against_node_of_the_same_run() -> None:
+    harness = load_harness()
+
+    def measured(scenario: str, target: str, rps: float) -> object:
+        return harness.Measurement(
+            scenario, target, 64, 10.0, int(rps * 10), rps, 1.0, 2.0, 3.0, 4.0, 500.0, [60.0], {}
+        )
+
+    results = [
+        measured("one-token", "gw-1", 4000),
+        measured("one-token", "node", 1600),
+        measured("tokens-10k", "gw-1", 3000),
+    ]
+    assert harness.node_lines(results) == [
+        "gw-1 against the tutorial's Node /profile (1,600 req/s, 500 us a request, same run): x2.50"
+    ]
+    assert harness.node_lines(results[:1]) == []  # no Node measured: no ratio
 
 
 def test_non_2xx_answers_are_counted_as_errors(harness: ModuleType, lab: object) -> None:
