@@ -169,6 +169,7 @@ class Measurement:
     errors: dict[str, int]
     ratios: dict[str, dict[str, float | None]] = field(default_factory=dict)
     note: str = ""
+    load_cores: float | None = None  # CPUs that wrk and the upstream used meanwhile
 
     @property
     def error_count(self) -> int:
@@ -348,6 +349,13 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         ticks += int(fields[11]) + int(fields[12])  # stat fields 14 and 15
     return ticks / CLOCK_TICKS
+
+
+def reaped_children_cpu_seconds() -> float:
+    """utime + stime of this process's children that have been waited for: measured around
+    one wrk run, that wrk's CPU (it is reaped when it ends)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def wait_idle(pids: Sequence[int], limit: float = 15.0, interval: float = 0.2) -> float:
@@ -706,6 +714,9 @@ class Lab:
             roots.add(self.upstream.proc.pid)
         return [pid for root in sorted(roots) for pid in process_tree(root)]
 
+    def upstream_pids(self) -> list[int]:
+        return process_tree(self.upstream.proc.pid) if self.upstream is not None else []
+
     def gateway(self) -> Running | None:
         return next((r for r in self.targets.values() if r.target.kind == "gateway"), None)
 
@@ -943,11 +954,14 @@ class Bench:
         wait_idle(everything)
         pids = process_tree(running.process.proc.pid)
         workers = worker_pids(running.process.proc.pid)
+        upstream = self.lab.upstream_pids() if running.target.kind != "nginx" else []
         cpu_before = cpu_seconds(pids)
+        load_before = cpu_seconds(upstream) + reaped_children_cpu_seconds()
         wrk = start_wrk(running.url, load, self.opts.duration, self.lab.load_cpu)
         peak_rss = rss_peaks_while(wrk, workers, self.opts.duration + 30)
         result = finish_wrk(wrk, self.opts.duration)
         cpu_after = cpu_seconds(pids)
+        load_after = cpu_seconds(upstream) + reaped_children_cpu_seconds()
         requests = int(result["requests"])
         seconds = result["duration_us"] / 1e6
         cpu = (cpu_after - cpu_before) * 1e6 / requests if requests else None
@@ -967,6 +981,7 @@ class Bench:
                 max(peak, rss_mb(p)) for p, peak in zip(workers, peak_rss, strict=True)
             ],
             errors=wrk_errors(result),
+            load_cores=round((load_after - load_before) / seconds, 2) if seconds else None,
         )
 
     def run(self) -> None:
@@ -1202,9 +1217,10 @@ def worker_lines(results: Sequence[Measurement]) -> list[str]:
         cores = m.rps * m.cpu_us_per_request / 1e6
         workers = len(m.rss_mb_per_worker)
         scaling = workers * one.cpu_us_per_request / m.cpu_us_per_request
+        others = "the rest" if m.load_cores is None else f"{m.load_cores:.2f}"
         lines.append(
             f"{workers} workers, {m.scenario}: x{m.rps / one.rps:.2f} gw-1 measured, on "
-            f"{cores:.2f} cores (wrk and the upstream had the rest); "
+            f"{cores:.2f} cores (wrk and the upstream had {others}); "
             f"{m.cpu_us_per_request:.0f} us of CPU a request against gw-1's "
             f"{one.cpu_us_per_request:.0f}, so {workers} whole cores = x{scaling:.2f} one"
         )
