@@ -1271,6 +1271,7 @@ def setup_info(opts: Options, lab: Lab, nofile: int) -> dict[str, Any]:
         "proxy_cpu": lab.proxy_cpu,
         "load_cpu": lab.load_cpu,
         "python": platform.python_version(),
+        "python_executable": sys.executable,  # the gateway's: its build counts (docs)
         "platform": platform.platform(),
         "duration_s": opts.duration,
         "warmup_s": opts.warmup,
@@ -1291,7 +1292,8 @@ def summary_line(setup: Mapping[str, Any]) -> str:
     return (
         f"setup: {setup['cpus']} CPUs ({pin}), wrk -t1 -c{setup['connections']} "
         f"{setup['duration_s']:g} s after {setup['warmup_s']:g} s warm-up, Python "
-        f"{setup['python']}, load average {setup['load_average']:.2f} before"
+        f"{setup['python']} ({setup['python_executable']}), load average "
+        f"{setup['load_average']:.2f} before"
     )
 
 
