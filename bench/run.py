@@ -170,6 +170,10 @@ class Measurement:
     ratios: dict[str, dict[str, float | None]] = field(default_factory=dict)
     note: str = ""
     load_cores: float | None = None  # CPUs that wrk and the upstream used meanwhile
+    # Each worker's event loop thread over the run: the share of the time it ran, and the
+    # share it was ready to run but waited for a CPU (the kernel's schedstat).
+    loop_running: list[float] = field(default_factory=list)
+    loop_waiting: list[float] = field(default_factory=list)
 
     @property
     def error_count(self) -> int:
@@ -349,6 +353,17 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         ticks += int(fields[11]) + int(fields[12])  # stat fields 14 and 15
     return ticks / CLOCK_TICKS
+
+
+def schedstat_seconds(pid: int) -> tuple[float, float]:
+    """The main thread of ``pid`` (a worker's event loop): seconds it ran on a CPU and seconds
+    it was runnable but waited for one (``/proc/<pid>/schedstat``)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            running, waiting, _ = f.read().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(running) / 1e9, int(waiting) / 1e9
 
 
 def reaped_children_cpu_seconds() -> float:
@@ -957,11 +972,18 @@ class Bench:
         upstream = self.lab.upstream_pids() if running.target.kind != "nginx" else []
         cpu_before = cpu_seconds(pids)
         load_before = cpu_seconds(upstream) + reaped_children_cpu_seconds()
+        loops_before = [schedstat_seconds(pid) for pid in workers]
         wrk = start_wrk(running.url, load, self.opts.duration, self.lab.load_cpu)
         peak_rss = rss_peaks_while(wrk, workers, self.opts.duration + 30)
         result = finish_wrk(wrk, self.opts.duration)
         cpu_after = cpu_seconds(pids)
         load_after = cpu_seconds(upstream) + reaped_children_cpu_seconds()
+        loops = [
+            (run1 - run0, wait1 - wait0)
+            for (run0, wait0), (run1, wait1) in zip(
+                loops_before, [schedstat_seconds(pid) for pid in workers], strict=True
+            )
+        ]
         requests = int(result["requests"])
         seconds = result["duration_us"] / 1e6
         cpu = (cpu_after - cpu_before) * 1e6 / requests if requests else None
@@ -982,6 +1004,8 @@ class Bench:
             ],
             errors=wrk_errors(result),
             load_cores=round((load_after - load_before) / seconds, 2) if seconds else None,
+            loop_running=[round(run / seconds, 2) for run, _ in loops] if seconds else [],
+            loop_waiting=[round(wait / seconds, 2) for _, wait in loops] if seconds else [],
         )
 
     def run(self) -> None:
@@ -1223,6 +1247,7 @@ def worker_lines(results: Sequence[Measurement]) -> list[str]:
             f"{cores:.2f} cores (wrk and the upstream had {others}); "
             f"{m.cpu_us_per_request:.0f} us of CPU a request against gw-1's "
             f"{one.cpu_us_per_request:.0f}, so {workers} whole cores = x{scaling:.2f} one"
+            + _loop_shares(m)
         )
     return lines
 
@@ -1263,6 +1288,17 @@ def node_app_missing(targets: Sequence[str]) -> str | None:
     if install.returncode != 0:
         return f"npm ci failed: {install.stderr.decode(errors='replace')[-500:]}"
     return None
+
+
+def _loop_shares(m: Measurement) -> str:
+    """Were the workers short of work or of CPU? Each loop's share of the run running, and
+    waiting for a CPU while it had work."""
+    if not m.loop_running:
+        return ""
+    shares = ", ".join(
+        f"{run:.0%} + {wait:.0%}" for run, wait in zip(m.loop_running, m.loop_waiting, strict=True)
+    )
+    return f"; each loop ran + waited for a CPU: {shares} of the time"
 
 
 def setup_info(opts: Options, lab: Lab, nofile: int) -> dict[str, Any]:

@@ -79,6 +79,8 @@ def test_quick_run_prints_the_table_and_writes_sane_json(tmp_path: Path) -> None
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
         assert row["cpu_us_per_request"] > 0, row
         assert row["load_cores"] > 0, row  # wrk at least: it did the load
+        if row["target"] == "gw-1":
+            assert len(row["loop_running"]) == 1 and 0 < row["loop_running"][0] <= 1.05, row
         assert row["rss_mb_per_worker"] and all(mb > 0 for mb in row["rss_mb_per_worker"]), row
     direct, gateway = rows["direct"], rows["gw-1"]
     assert direct["ratios"]["direct"]["rps"] == 1.0
@@ -250,7 +252,7 @@ def test_two_workers_are_also_judged_per_whole_core() -> None:
     assert harness.worker_lines([measured("gw-all", 7000, 220, 2)]) == []  # no gw-1 to judge by
     two = measured("gw-all", 7000, 220, 2)
     two.load_cores = 0.45  # measured: wrk's and the upstream's CPU in the same window
-    assert (
-        "(wrk and the upstream had 0.45)"
-        in harness.worker_lines([measured("gw-1", 5000, 200, 1), two])[0]
-    )
+    two.loop_running, two.loop_waiting = [0.72, 0.75], [0.27, 0.24]  # short of CPU, not work
+    line = harness.worker_lines([measured("gw-1", 5000, 200, 1), two])[0]
+    assert "(wrk and the upstream had 0.45)" in line
+    assert line.endswith("; each loop ran + waited for a CPU: 72% + 27%, 75% + 24% of the time")
