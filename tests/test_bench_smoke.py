@@ -15,14 +15,14 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import jwt
 import pytest
+
+from tests.threaded_http import serving
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
@@ -141,23 +141,11 @@ def test_a_node_server_that_skips_the_signature_is_refused(
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Careless)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        lab.node_token = jwt.encode(  # type: ignore[attr-defined]
-            harness.claims(int(time.time()), sub=lab.token_sub),  # type: ignore[attr-defined]
-            lab.node_secret,  # type: ignore[attr-defined]
-            algorithm="HS256",
-        )
-        direct = lab.targets["direct"]  # type: ignore[attr-defined]
+    direct = lab.targets["direct"]  # type: ignore[attr-defined]
+    with serving(Careless) as url:
         running = harness.Running(harness.TARGETS["node"], url, direct.process)
         with pytest.raises(harness.SetupError, match="another secret answered 200"):
             harness.check_target(lab, running)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_gateway_is_judged_against_node_of_the_same_run() -> None:

@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import http.server
 import json
-import threading
 import time
 import urllib.request
 import uuid
@@ -42,6 +41,7 @@ from jwt.algorithms import get_default_algorithms
 
 from tests.blackbox.client import PASSWORD, RawResponse, raw_request, unique_email
 from tests.blackbox.conftest import Echo, Gateway, launch_gateway, stop_process
+from tests.threaded_http import serving
 
 HS_SECRET = "jwt-attacks-" + "k" * 40
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -181,14 +181,8 @@ def key_server() -> Iterator[KeyServer]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield KeyServer(f"http://127.0.0.1:{server.server_address[1]}", hits)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield KeyServer(url, hits)
 
 
 # --- the gateways under attack -------------------------------------------------------------
