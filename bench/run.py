@@ -783,7 +783,11 @@ def check_node(lab: Lab, running: Running) -> None:
     """The tutorial's /profile answers the token's user, and refuses what it should."""
     url = running.url + "/profile"
     good = http(url, headers=bearer(lab.node_token))
-    if good.status != 200 or json.loads(good.body).get("id") != lab.token_sub:
+    try:
+        user = json.loads(good.body).get("id")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        user = None
+    if good.status != 200 or user != lab.token_sub:
         raise SetupError(f"node: a valid token answered {good.status} {good.body[:200]!r}")
     now = int(time.time())
     refused = {
