@@ -9,7 +9,6 @@ load that is answered non-2xx is counted as errors and fails the run's exit code
 
 from __future__ import annotations
 
-import http.server
 import importlib.util
 import json
 import shutil
@@ -22,7 +21,7 @@ from types import ModuleType
 import jwt
 import pytest
 
-from tests.threaded_http import serving
+from tests import threaded_http
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
@@ -124,25 +123,18 @@ def test_a_node_server_that_skips_the_signature_is_refused(
     """The tutorial's server is only a yardstick if it verifies: one that reads the token's
     ``sub`` without checking the signature answers the right user and must still fail."""
 
-    class Careless(http.server.BaseHTTPRequestHandler):
+    class Careless(threaded_http.Handler):
         def do_GET(self) -> None:
             token = self.headers.get("Authorization", "").removeprefix("Bearer ")
             if not token:
-                self.send_response(401)
-                self.end_headers()
+                self.answer(401)
                 return
+            # Reads the claims without checking the signature: the careless server under test.
             sub = jwt.decode(token, options={"verify_signature": False})["sub"]
-            body = json.dumps({"id": sub}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.answer(200, json.dumps({"id": sub}).encode())
 
     direct = lab.targets["direct"]  # type: ignore[attr-defined]
-    with serving(Careless) as url:
+    with threaded_http.serving(Careless) as url:
         running = harness.Running(harness.TARGETS["node"], url, direct.process)
         with pytest.raises(harness.SetupError, match="another secret answered 200"):
             harness.check_target(lab, running)

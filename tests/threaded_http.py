@@ -9,6 +9,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+class Handler(http.server.BaseHTTPRequestHandler):
+    """A request handler that answers with one call and keeps the test's output quiet."""
+
+    def answer(self, status: int, body: bytes = b"") -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @contextmanager
 def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """Serve ``handler`` on 127.0.0.1 until the block ends; yields its base URL."""

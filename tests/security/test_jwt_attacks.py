@@ -19,7 +19,6 @@ import datetime
 import functools
 import hashlib
 import hmac
-import http.server
 import json
 import time
 import urllib.request
@@ -39,9 +38,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import get_default_algorithms
 
+from tests import threaded_http
 from tests.blackbox.client import PASSWORD, RawResponse, raw_request, unique_email
 from tests.blackbox.conftest import Echo, Gateway, launch_gateway, stop_process
-from tests.threaded_http import serving
 
 HS_SECRET = "jwt-attacks-" + "k" * 40
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -169,19 +168,12 @@ def key_server() -> Iterator[KeyServer]:
     }
     hits: list[str] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class KeysHandler(threaded_http.Handler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             hits.append(self.path)
-            body = bodies.get(self.path.partition("?")[0], b"{}")
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, bodies.get(self.path.partition("?")[0], b"{}"))
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with serving(Handler) as url:
+    with threaded_http.serving(KeysHandler) as url:
         yield KeyServer(url, hits)
 
 
