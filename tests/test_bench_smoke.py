@@ -118,7 +118,7 @@ def test_a_verifier_that_lets_everything_through_is_refused(
 
 
 def test_a_node_server_that_skips_the_signature_is_refused(
-    harness: ModuleType, lab: object, tmp_path: Path
+    harness: ModuleType, lab: object
 ) -> None:
     """The tutorial's server is only a yardstick if it verifies: one that reads the token's
     ``sub`` without checking the signature answers the right user and must still fail."""
